@@ -1,0 +1,387 @@
+"""Typed configuration: dataclasses loaded from YAML with command-line dotlist overrides.
+
+A YAML section maps one-to-one onto a dataclass; every key is type-checked and validated when the config is
+loaded, so a typo or a bad value stops a command before any work starts, with an error that names the key.
+
+Example:
+    >>> cfg = load_config("configs/finetune/isic.yaml", ["data.root=/data/isic", "train.batch_size=8"])
+    >>> cfg.train.batch_size
+    8
+    >>> save_config(cfg, "runs/x/config.yaml")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from decon_med.errors import ConfigError
+
+DatasetName = Literal["isic2017", "refuge", "folder", "unlabeled"]
+Modality = Literal["rgb", "gray", "mr", "ct"]
+Arch = Literal["unet", "fpn", "fcn"]
+Transfer = Literal["random", "encoder", "encoder_decoder"]
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are read.
+
+    Attributes:
+        name: dataset layout: ``isic2017``, ``refuge``, ``folder`` (images/ + masks/) or ``unlabeled`` (any tree).
+        root: dataset root folder.
+        image_size: side of the square network input in pixels (a multiple of 32 for U-Nets).
+        num_workers: DataLoader worker processes.
+        in_channels: network input channels, 1 or 3; greyscale scans are replicated to 3 channels when 3.
+        modality: ``rgb`` photos (dermoscopy, fundus), ``gray``, ``mr`` or ``ct``; picks intensity handling and
+            the colour augmentations.
+        num_classes: number of segmentation classes; ``null`` takes the dataset's own (ISIC 2, REFUGE 3).
+            Required for ``folder``.
+        class_names: optional names of the classes, in index order.
+        cache_rate: fraction of decoded samples held in memory by MONAI's CacheDataset (0 = plain Dataset).
+        val_fraction: ``folder`` without splits.json: fraction of images held out for validation.
+        test_fraction: ``folder`` without splits.json: fraction of images held out for testing.
+        slice_axis: NIfTI volumes become 2D slices along this voxel axis (0, 1 or 2).
+        clip_percentiles: MR/grey volumes: intensities clipped to these percentiles, then scaled to [0, 1].
+        ct_window: CT volumes: (level, width) window in Hounsfield units.
+        foreground_threshold: a normalised intensity above this counts as foreground.
+        min_foreground: slices whose foreground fraction is below this are skipped (0 keeps all).
+    """
+
+    name: DatasetName = "isic2017"
+    root: str = "data/isic2017"
+    image_size: int = 224
+    num_workers: int = 4
+    in_channels: int = 3
+    modality: Modality = "rgb"
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    cache_rate: float = 0.0
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    slice_axis: int = 2
+    clip_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    ct_window: list[float] = field(default_factory=lambda: [40.0, 400.0])
+    foreground_threshold: float = 0.05
+    min_foreground: float = 0.05
+
+    def validate(self) -> None:
+        _check(self.image_size >= 32 and self.image_size % 32 == 0, "data.image_size",
+               f"must be a positive multiple of 32 (U-Net strides), got {self.image_size}")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.in_channels in (1, 3), "data.in_channels", f"must be 1 or 3, got {self.in_channels}")
+        _check(self.num_classes is None or self.num_classes >= 2, "data.num_classes", "must be >= 2")
+        _check(self.name != "folder" or self.num_classes is not None, "data.num_classes",
+               "is required when data.name is 'folder'")
+        if self.class_names is not None and self.num_classes is not None:
+            _check(len(self.class_names) == self.num_classes, "data.class_names",
+                   f"has {len(self.class_names)} names but data.num_classes is {self.num_classes}")
+        _check(0.0 <= self.cache_rate <= 1.0, "data.cache_rate", "must be in [0, 1]")
+        _check(0.0 <= self.val_fraction < 1.0 and 0.0 <= self.test_fraction < 1.0
+               and self.val_fraction + self.test_fraction < 1.0, "data.val_fraction",
+               "val_fraction and test_fraction must be in [0, 1) and sum to less than 1")
+        _check(self.slice_axis in (0, 1, 2), "data.slice_axis", f"must be 0, 1 or 2, got {self.slice_axis}")
+        lo_hi = self.clip_percentiles
+        _check(len(lo_hi) == 2 and 0.0 <= lo_hi[0] < lo_hi[1] <= 100.0, "data.clip_percentiles",
+               "must be [low, high] with 0 <= low < high <= 100")
+        _check(len(self.ct_window) == 2 and self.ct_window[1] > 0, "data.ct_window",
+               "must be [level, width] with width > 0")
+        _check(0.0 <= self.foreground_threshold < 1.0, "data.foreground_threshold", "must be in [0, 1)")
+        _check(0.0 <= self.min_foreground <= 1.0, "data.min_foreground", "must be in [0, 1]")
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation strengths.
+
+    Attributes:
+        crop_scale: pre-training random-resized-crop area range (SlotCon: 0.08-1).
+        min_overlap: pre-training: the two views must overlap on at least this fraction of the image.
+        finetune_crop_scale: fine-tuning random-resized-crop area range.
+        hflip: probability of a horizontal flip.
+        vflip: probability of a vertical flip (fine-tuning only).
+        color: colour / intensity augmentations on (suited to data.modality).
+    """
+
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    min_overlap: float = 0.01
+    finetune_crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    hflip: float = 0.5
+    vflip: float = 0.0
+    color: bool = True
+
+    def validate(self) -> None:
+        for key in ("crop_scale", "finetune_crop_scale"):
+            lo_hi = getattr(self, key)
+            _check(len(lo_hi) == 2 and 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0, f"augment.{key}",
+                   "must be [low, high] with 0 < low <= high <= 1")
+        _check(0.0 <= self.min_overlap < 1.0, "augment.min_overlap", "must be in [0, 1)")
+        _check(0.0 <= self.hflip <= 1.0, "augment.hflip", "must be a probability in [0, 1]")
+        _check(0.0 <= self.vflip <= 1.0, "augment.vflip", "must be a probability in [0, 1]")
+
+
+@dataclass
+class ModelConfig:
+    """The segmentation network, built by segmentation-models-pytorch.
+
+    Attributes:
+        arch: decoder: ``unet`` (default), ``fpn`` or ``fcn`` (the paper's fine-tuning head).
+        encoder: any smp encoder name, e.g. ``resnet18``, ``resnet50``.
+        encoder_weights: ``null`` (random init) or a local weights file; nothing is downloaded.
+    """
+
+    arch: Arch = "unet"
+    encoder: str = "resnet50"
+    encoder_weights: str | None = None
+
+    def validate(self) -> None:
+        import segmentation_models_pytorch as smp
+
+        names = smp.encoders.get_encoder_names()
+        if self.encoder not in names:
+            close = difflib.get_close_matches(self.encoder, names, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"model.encoder: unknown smp encoder '{self.encoder}'{hint}")
+        if self.encoder_weights is not None:
+            _check(Path(self.encoder_weights).is_file(), "model.encoder_weights",
+                   f"must be null or a local weights file; '{self.encoder_weights}' is not a file "
+                   "(weights cannot be downloaded here)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation budget.
+
+    Attributes:
+        batch_size: images per optimiser step (per process under torchrun).
+        epochs: pre-training length in epochs.
+        iters: fine-tuning length in iterations.
+        val_every: fine-tuning: validate every this many iterations.
+    """
+
+    batch_size: int = 16
+    epochs: int = 100
+    iters: int = 1000
+    val_every: int = 500
+
+    def validate(self) -> None:
+        for key in ("batch_size", "epochs", "iters", "val_every"):
+            _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
+
+
+@dataclass
+class Config:
+    """Sections shared by every command.
+
+    Attributes:
+        seed: seed for splits, augmentation and initialisation.
+        out_dir: folder under which run folders are created.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    out_dir: str = "runs"
+
+    def validate(self) -> None:
+        _check(self.seed >= 0, "seed", "must be >= 0")
+
+
+@dataclass
+class FinetuneConfig(Config):
+    """Fine-tuning: the shared sections plus the initialisation and the label fraction.
+
+    Attributes:
+        init: ``null`` (random) or an exported weights folder / safetensors file / pre-training checkpoint.
+        transfer: ``random``, ``encoder`` (fresh decoder) or ``encoder_decoder`` (only the classifier is new).
+        fraction: fraction of the labelled training images used, in (0, 1].
+    """
+
+    init: str | None = None
+    transfer: Transfer = "random"
+    fraction: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        _check(0.0 < self.fraction <= 1.0, "fraction", f"must be in (0, 1], got {self.fraction}")
+        _check(self.transfer == "random" or self.init is not None, "init",
+               f"is required when transfer is '{self.transfer}'")
+
+
+#: Config classes a YAML file can be read into, tried in order when the command does not name one.
+SCHEMAS: list[type[Config]] = [Config, FinetuneConfig]
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+                schema: type[Config] | None = None) -> Config:
+    """Read a YAML config, apply ``key.sub=value`` overrides, type-check and validate it.
+
+    Args:
+        path: YAML file, or ``None`` for the schema's defaults.
+        overrides: dotlist overrides; values are parsed as YAML (``8``, ``null``, ``[0.5, 1.0]``).
+        schema: the config class; ``None`` picks the narrowest one in ``SCHEMAS`` that knows every top-level key.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, wrong type or invalid value (the message names the key).
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw = loaded or {}
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_nested(raw, key, value)
+    if schema is None:
+        schema = _infer_schema(raw)
+    cfg = from_dict(schema, raw)
+    validate_config(cfg)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``"train.batch_size=8"`` into ``("train.batch_size", 8)``; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value (e.g. train.batch_size=8)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and type; errors name the dotted key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown config key '{prefix}{key}'{hint}; valid keys here: {', '.join(names)}")
+    kwargs = {key: _coerce(hints[key], value, f"{prefix}{key}") for key, value in raw.items()}
+    return cls(**kwargs)
+
+
+def validate_config(cfg: Any) -> None:
+    """Run ``validate()`` on a config and on every nested section."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate_config(value)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain YAML-safe Python data."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically) so a run folder records exactly what ran."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def _infer_schema(raw: dict[str, Any]) -> type[Config]:
+    for schema in SCHEMAS:
+        names = {f.name for f in dataclasses.fields(schema)}
+        if set(raw) <= names:
+            return schema
+    return SCHEMAS[-1]
+
+
+def _set_nested(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check ``value`` against type hint ``tp`` (converting int to float and lists to tuples where asked)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"config key '{key}': invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {choices}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, prefix=f"{key}.")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"config key '{key}': expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item_tp = args[0] if args else Any
+        items = [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"config key '{key}': expected {name}, got {value!r} ({type(value).__name__})")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")

@@ -1,0 +1,135 @@
+"""Dataset integrity check: read every file once before any training and summarise the dataset.
+
+Every problem is a :class:`~decon_med.errors.DataError` whose message starts with the offending file: missing
+root, empty folder, unreadable or truncated image / NIfTI, image without mask (or mask without image), mask
+values outside the expected set, image/mask size mismatch, a label fraction that selects no image.
+
+Example:
+    >>> summary = check_dataset(load_config("configs/finetune/isic.yaml"))
+    >>> print(format_summary(summary))
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from tqdm import tqdm
+
+from decon_med.config import Config
+from decon_med.data.io import read_image, read_mask
+from decon_med.data.layouts import LAYOUTS, SPLITS, Layout, get_layout, slice_options
+from decon_med.data.splits import split_fraction
+from decon_med.data.volumes import load_label_slice, load_slice
+from decon_med.errors import DataError
+
+
+def check_dataset(cfg: Config, progress: bool = True) -> dict:
+    """Read every image and mask of every split and return a JSON-ready summary.
+
+    Args:
+        cfg: config; ``cfg.data`` names the dataset, and ``cfg.fraction`` (fine-tuning configs) is checked too.
+        progress: show a progress bar per split.
+
+    Raises:
+        DataError: the first bad file found, in id order.
+    """
+    layout = get_layout(cfg.data)
+    layout.check_root()
+    labeled = layout.name != "unlabeled"
+    splits = SPLITS if labeled else ("train",)
+    summary: dict = {"dataset": layout.name, "root": str(layout.root), "classes": list(layout.class_names),
+                     "splits": {}}
+    train_items: list[dict] = []
+    for split in splits:
+        items = layout.items(split, labeled=labeled)
+        if not items:
+            raise DataError(layout.root, f"split '{split}' has no images")
+        if split == "train":
+            train_items = items
+        summary["splits"][split] = _check_items(layout, items, split, cfg.data.num_workers, progress)
+    fraction = getattr(cfg, "fraction", None)
+    if fraction is not None:
+        subset = split_fraction(train_items, fraction, cfg.seed)
+        summary["fraction"] = {"fraction": fraction, "seed": cfg.seed,
+                               "n_images": len({it.get("group", it["id"]) for it in subset})}
+    return summary
+
+
+def _check_items(layout: Layout, items: list[dict], split: str, workers: int, progress: bool) -> dict:
+    opts = slice_options(layout.cfg)
+
+    def check_one(item: dict) -> tuple[tuple[int, int], Counter | None]:
+        if "slice" in item:
+            image = load_slice(item, opts)
+        else:
+            image = read_image(item["image"], channels=opts.channels)
+        label_path = item.get("label")
+        if not label_path:
+            return image.shape[:2], None
+        if "slice" in item:
+            raw = load_label_slice(label_path, item["axis"], item["slice"])
+        else:
+            raw = read_mask(label_path)
+        if raw.shape != image.shape[:2]:
+            raise DataError(label_path, f"mask size {tuple(raw.shape)} differs from image size "
+                            f"{tuple(image.shape[:2])} of {item['image']}")
+        layout.map_label(raw, label_path)
+        values, counts = np.unique(raw, return_counts=True)
+        return image.shape[:2], Counter(dict(zip(values.tolist(), counts.tolist())))
+
+    sizes: Counter = Counter()
+    hist: Counter = Counter()
+    bar = tqdm(total=len(items), desc=f"check {split}", unit="img", disable=not progress, leave=False)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for size, counts in pool.map(check_one, items):
+            sizes[size] += 1
+            if counts is not None:
+                hist.update(counts)
+            bar.update()
+    bar.close()
+    heights = [h for h, _ in sizes]
+    widths = [w for _, w in sizes]
+    lut = layout.label_lut()
+    present = sorted({int(lut[v]) if lut is not None else int(v) for v in hist})
+    return {
+        "n_items": len(items),
+        "n_scans": len({it.get("group", it["id"]) for it in items}),
+        "height": [min(heights), max(heights)],
+        "width": [min(widths), max(widths)],
+        "distinct_sizes": len(sizes),
+        "classes_present": [layout.class_names[i] if i < layout.num_classes else str(i) for i in present],
+        "mask_histogram": {int(k): int(v) for k, v in sorted(hist.items())},
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """A readable table of :func:`check_dataset`'s summary."""
+    lines = [f"dataset {summary['dataset']} at {summary['root']}"]
+    if summary["classes"]:
+        lines.append("classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(summary["classes"])))
+    header = f"{'split':<6} {'images':>7} {'scans':>6} {'height':>11} {'width':>11}  classes present"
+    lines += [header, "-" * len(header)]
+    for split, s in summary["splits"].items():
+        h = f"{s['height'][0]}-{s['height'][1]}"
+        w = f"{s['width'][0]}-{s['width'][1]}"
+        classes = ", ".join(s["classes_present"]) or "-"
+        lines.append(f"{split:<6} {s['n_items']:>7} {s['n_scans']:>6} {h:>11} {w:>11}  {classes}")
+    hists = {k: v["mask_histogram"] for k, v in summary["splits"].items() if v["mask_histogram"]}
+    if hists:
+        lines.append("mask pixel values (value: share of pixels)")
+        for split, hist in hists.items():
+            total = sum(hist.values())
+            lines.append(f"  {split:<6} " + "  ".join(f"{v}: {c / total:.1%}" for v, c in hist.items()))
+    official = getattr(LAYOUTS.get(summary["dataset"]), "official_counts", None)
+    if official:
+        diffs = [f"{k} {summary['splits'][k]['n_scans']}/{n}" for k, n in official.items()
+                 if k in summary["splits"] and summary["splits"][k]["n_scans"] != n]
+        if diffs:
+            lines.append("note: counts differ from the official release (" + ", ".join(diffs) + ")")
+    if "fraction" in summary:
+        f = summary["fraction"]
+        lines.append(f"label fraction {f['fraction']} (seed {f['seed']}) selects {f['n_images']} training images")
+    return "\n".join(lines)
+
