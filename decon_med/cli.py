@@ -27,7 +27,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         counts = synthesize(args.kind, args.out, n=args.n, seed=args.seed, overwrite=args.overwrite)
     except FileExistsError as exc:
         raise DeconError(f"{args.out}: folder is not empty; pass --overwrite to replace it") from exc
-    print(f"wrote synthetic {args.kind} data to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(
+        f"wrote synthetic {args.kind} data to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+    )
     return 0
 
 
@@ -57,7 +59,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"using the synthetic data already in {data_root}")
     else:
         counts = synthesize("isic", data_root, n=args.n, seed=args.seed, overwrite=True)
-        print(f"wrote synthetic ISIC 2017 data to {data_root}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        print(
+            f"wrote synthetic ISIC 2017 data to {data_root}: "
+            + ", ".join(f"{k} {v}" for k, v in counts.items())
+        )
     cfg = Config(data=DataConfig(name="isic2017", root=str(data_root), image_size=64, num_workers=0))
     print(format_summary(check_dataset(cfg, progress=False)))
     print(f"demo finished in {time.time() - start:.1f} s; data in {data_root}")
@@ -75,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write a small synthetic dataset in an official layout")
     p.add_argument("--kind", required=True, choices=["isic", "refuge", "folder", "nifti"])
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--n", type=int, default=16, help="number of training images (volumes for nifti)")
+    p.add_argument("--n", type=int, default=16, help="isic/refuge: training images (val/test get a quarter each); folder: all images; nifti: volumes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_cmd_synth)

@@ -28,6 +28,9 @@ DatasetName = Literal["isic2017", "refuge", "folder", "unlabeled"]
 Modality = Literal["rgb", "gray", "mr", "ct"]
 Arch = Literal["unet", "fpn", "fcn"]
 Transfer = Literal["random", "encoder", "encoder_decoder"]
+Optimizer = Literal["lars", "sgd", "adamw"]
+Amp = Literal["none", "bf16", "fp16"]
+Method = Literal["slotcon", "decon_sl", "decon_ml"]
 
 
 @dataclass
@@ -73,26 +76,45 @@ class DataConfig:
     min_foreground: float = 0.05
 
     def validate(self) -> None:
-        _check(self.image_size >= 32 and self.image_size % 32 == 0, "data.image_size",
-               f"must be a positive multiple of 32 (U-Net strides), got {self.image_size}")
+        _check(
+            self.image_size >= 32 and self.image_size % 32 == 0,
+            "data.image_size",
+            f"must be a positive multiple of 32 (U-Net strides), got {self.image_size}",
+        )
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(self.in_channels in (1, 3), "data.in_channels", f"must be 1 or 3, got {self.in_channels}")
         _check(self.num_classes is None or self.num_classes >= 2, "data.num_classes", "must be >= 2")
-        _check(self.name != "folder" or self.num_classes is not None, "data.num_classes",
-               "is required when data.name is 'folder'")
+        _check(
+            self.name != "folder" or self.num_classes is not None,
+            "data.num_classes",
+            "is required when data.name is 'folder'",
+        )
         if self.class_names is not None and self.num_classes is not None:
-            _check(len(self.class_names) == self.num_classes, "data.class_names",
-                   f"has {len(self.class_names)} names but data.num_classes is {self.num_classes}")
+            _check(
+                len(self.class_names) == self.num_classes,
+                "data.class_names",
+                f"has {len(self.class_names)} names but data.num_classes is {self.num_classes}",
+            )
         _check(0.0 <= self.cache_rate <= 1.0, "data.cache_rate", "must be in [0, 1]")
-        _check(0.0 <= self.val_fraction < 1.0 and 0.0 <= self.test_fraction < 1.0
-               and self.val_fraction + self.test_fraction < 1.0, "data.val_fraction",
-               "val_fraction and test_fraction must be in [0, 1) and sum to less than 1")
+        _check(
+            0.0 <= self.val_fraction < 1.0
+            and 0.0 <= self.test_fraction < 1.0
+            and self.val_fraction + self.test_fraction < 1.0,
+            "data.val_fraction",
+            "val_fraction and test_fraction must be in [0, 1) and sum to less than 1",
+        )
         _check(self.slice_axis in (0, 1, 2), "data.slice_axis", f"must be 0, 1 or 2, got {self.slice_axis}")
         lo_hi = self.clip_percentiles
-        _check(len(lo_hi) == 2 and 0.0 <= lo_hi[0] < lo_hi[1] <= 100.0, "data.clip_percentiles",
-               "must be [low, high] with 0 <= low < high <= 100")
-        _check(len(self.ct_window) == 2 and self.ct_window[1] > 0, "data.ct_window",
-               "must be [level, width] with width > 0")
+        _check(
+            len(lo_hi) == 2 and 0.0 <= lo_hi[0] < lo_hi[1] <= 100.0,
+            "data.clip_percentiles",
+            "must be [low, high] with 0 <= low < high <= 100",
+        )
+        _check(
+            len(self.ct_window) == 2 and self.ct_window[1] > 0,
+            "data.ct_window",
+            "must be [level, width] with width > 0",
+        )
         _check(0.0 <= self.foreground_threshold < 1.0, "data.foreground_threshold", "must be in [0, 1)")
         _check(0.0 <= self.min_foreground <= 1.0, "data.min_foreground", "must be in [0, 1]")
 
@@ -120,8 +142,11 @@ class AugmentConfig:
     def validate(self) -> None:
         for key in ("crop_scale", "finetune_crop_scale"):
             lo_hi = getattr(self, key)
-            _check(len(lo_hi) == 2 and 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0, f"augment.{key}",
-                   "must be [low, high] with 0 < low <= high <= 1")
+            _check(
+                len(lo_hi) == 2 and 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0,
+                f"augment.{key}",
+                "must be [low, high] with 0 < low <= high <= 1",
+            )
         _check(0.0 <= self.min_overlap < 1.0, "augment.min_overlap", "must be in [0, 1)")
         _check(0.0 <= self.hflip <= 1.0, "augment.hflip", "must be a probability in [0, 1]")
         _check(0.0 <= self.vflip <= 1.0, "augment.vflip", "must be a probability in [0, 1]")
@@ -150,30 +175,135 @@ class ModelConfig:
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"model.encoder: unknown smp encoder '{self.encoder}'{hint}")
         if self.encoder_weights is not None:
-            _check(Path(self.encoder_weights).is_file(), "model.encoder_weights",
-                   f"must be null or a local weights file; '{self.encoder_weights}' is not a file "
-                   "(weights cannot be downloaded here)")
+            _check(
+                Path(self.encoder_weights).is_file(),
+                "model.encoder_weights",
+                f"must be null or a local weights file; '{self.encoder_weights}' is not a file "
+                "(weights cannot be downloaded here)",
+            )
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation budget.
+    """Optimisation: budget, optimiser, schedule, precision and checkpointing.
 
     Attributes:
-        batch_size: images per optimiser step (per process under torchrun).
+        batch_size: images per optimiser step (per process under torchrun; with accumulation, the sum over
+            ``accum_steps`` micro-batches).
         epochs: pre-training length in epochs.
         iters: fine-tuning length in iterations.
         val_every: fine-tuning: validate every this many iterations.
+        optimizer: ``lars`` (no weight decay / adaptation on biases and norm parameters), ``sgd`` or ``adamw``.
+        lr: base learning rate; pre-training scales it by ``batch_size * world_size / 256``.
+        weight_decay: weight decay (not applied to biases and norm parameters).
+        momentum: SGD / LARS momentum.
+        warmup_epochs: linear learning-rate warm-up before the cosine decay (pre-training).
+        min_lr: learning rate at the end of the cosine decay.
+        amp: mixed precision: ``none``, ``bf16`` or ``fp16`` (with a gradient scaler).
+        accum_steps: micro-batches accumulated per optimiser step.
+        clip_grad: clip the gradient norm to this value (0 = off).
+        channels_last: use the channels-last memory format.
+        ckpt_every: write a numbered checkpoint every this many optimiser steps (``last`` is always written).
+        log_every: write a ``metrics.csv`` row and TensorBoard scalars every this many steps.
     """
 
     batch_size: int = 16
     epochs: int = 100
     iters: int = 1000
     val_every: int = 500
+    optimizer: Optimizer = "lars"
+    lr: float = 1.0
+    weight_decay: float = 1e-5
+    momentum: float = 0.9
+    warmup_epochs: float = 5.0
+    min_lr: float = 0.0
+    amp: Amp = "none"
+    accum_steps: int = 1
+    clip_grad: float = 0.0
+    channels_last: bool = False
+    ckpt_every: int = 1000
+    log_every: int = 10
 
     def validate(self) -> None:
-        for key in ("batch_size", "epochs", "iters", "val_every"):
+        for key in ("batch_size", "epochs", "iters", "val_every", "accum_steps", "ckpt_every", "log_every"):
             _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
+        _check(
+            self.batch_size % self.accum_steps == 0,
+            "train.accum_steps",
+            f"must divide train.batch_size ({self.batch_size})",
+        )
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(0.0 <= self.min_lr <= self.lr, "train.min_lr", "must be in [0, train.lr]")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(0.0 <= self.momentum < 1.0, "train.momentum", "must be in [0, 1)")
+        _check(self.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
+        _check(self.clip_grad >= 0, "train.clip_grad", "must be >= 0 (0 = off)")
+
+
+@dataclass
+class SSLConfig:
+    """Self-supervised method and its hyper-parameters (SlotCon defaults; DeCon adds the decoder terms).
+
+    Attributes:
+        method: ``slotcon`` (encoder only), ``decon_sl`` (one decoder level) or ``decon_ml`` (several levels,
+            deep supervision, skip channel dropout).
+        alpha: loss = alpha * L_enc + (1 - alpha) * L_dec; must be 1 for ``slotcon`` and < 1 with a decoder.
+        levels: supervised decoder levels, 0 = coarsest decoder output; negative indices count from the finest
+            (``[-1]`` = the last decoder feature map before the segmentation head).
+        skip_dropout: Dropout2d probability on encoder features entering the decoder through skip connections
+            (student only, pre-training only).
+        dec_grid: supervised decoder levels are average-pooled to at most this grid before their heads, so
+            their cost stays near the encoder head's (0 = no pooling).
+        num_prototypes: encoder prototypes (SlotCon 256).
+        num_prototypes_dec: prototypes of each decoder level (256 or 384).
+        dim_hidden: projector / predictor hidden width (4096).
+        dim_out: projector output and slot dimension (256).
+        teacher_temp: teacher softmax temperature of the prototype scores (0.07).
+        student_temp: student softmax temperature (0.1).
+        center_momentum: EMA momentum of the teacher centre (0.9).
+        group_loss_weight: weight of the grouping (self-distillation) loss vs the slot contrastive loss (0.5).
+        slot_temp: temperature of the slot InfoNCE loss (0.2).
+        teacher_momentum: starting EMA momentum of the teacher, raised to 1 on a cosine schedule (0.99).
+    """
+
+    method: Method = "slotcon"
+    alpha: float = 1.0
+    levels: list[int] = field(default_factory=lambda: [-1])
+    skip_dropout: float = 0.0
+    dec_grid: int = 14
+    num_prototypes: int = 256
+    num_prototypes_dec: int = 256
+    dim_hidden: int = 4096
+    dim_out: int = 256
+    teacher_temp: float = 0.07
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    group_loss_weight: float = 0.5
+    slot_temp: float = 0.2
+    teacher_momentum: float = 0.99
+
+    def validate(self) -> None:
+        _check(0.0 <= self.alpha <= 1.0, "ssl.alpha", f"must be in [0, 1], got {self.alpha}")
+        if self.method == "slotcon":
+            _check(self.alpha == 1.0, "ssl.alpha", "must be 1 for slotcon (it has no decoder loss)")
+            _check(self.skip_dropout == 0.0, "ssl.skip_dropout", "applies only to decon_ml")
+        else:
+            _check(self.alpha < 1.0, "ssl.alpha", f"must be < 1 for {self.method} (1 ignores the decoder)")
+            _check(len(self.levels) >= 1, "ssl.levels", "needs at least one decoder level")
+            _check(len(set(self.levels)) == len(self.levels), "ssl.levels", "has repeated levels")
+        if self.method == "decon_sl":
+            _check(len(self.levels) == 1, "ssl.levels", "decon_sl supervises exactly one decoder level")
+        _check(
+            0.0 <= self.skip_dropout < 1.0, "ssl.skip_dropout", f"must be in [0, 1), got {self.skip_dropout}"
+        )
+        _check(self.dec_grid >= 0, "ssl.dec_grid", "must be >= 0 (0 = no pooling)")
+        for key in ("num_prototypes", "num_prototypes_dec", "dim_hidden", "dim_out"):
+            _check(getattr(self, key) >= 1, f"ssl.{key}", "must be >= 1")
+        for key in ("teacher_temp", "student_temp", "slot_temp"):
+            _check(getattr(self, key) > 0, f"ssl.{key}", "must be > 0")
+        _check(0.0 <= self.center_momentum < 1.0, "ssl.center_momentum", "must be in [0, 1)")
+        _check(0.0 <= self.group_loss_weight <= 1.0, "ssl.group_loss_weight", "must be in [0, 1]")
+        _check(0.0 <= self.teacher_momentum <= 1.0, "ssl.teacher_momentum", "must be in [0, 1]")
 
 
 @dataclass
@@ -213,16 +343,33 @@ class FinetuneConfig(Config):
     def validate(self) -> None:
         super().validate()
         _check(0.0 < self.fraction <= 1.0, "fraction", f"must be in (0, 1], got {self.fraction}")
-        _check(self.transfer == "random" or self.init is not None, "init",
-               f"is required when transfer is '{self.transfer}'")
+        _check(
+            self.transfer == "random" or self.init is not None,
+            "init",
+            f"is required when transfer is '{self.transfer}'",
+        )
+
+
+@dataclass
+class PretrainConfig(Config):
+    """Pre-training: the shared sections plus the self-supervised method.
+
+    Example:
+        >>> cfg = load_config("configs/pretrain/decon_ml.yaml", ["data.root=/data/scans"])
+        >>> cfg.ssl.method, cfg.ssl.levels
+        ('decon_ml', [0, 1, 2, 3])
+    """
+
+    ssl: SSLConfig = field(default_factory=SSLConfig)
 
 
 #: Config classes a YAML file can be read into, tried in order when the command does not name one.
-SCHEMAS: list[type[Config]] = [Config, FinetuneConfig]
+SCHEMAS: list[type[Config]] = [Config, FinetuneConfig, PretrainConfig]
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
-                schema: type[Config] | None = None) -> Config:
+def load_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), schema: type[Config] | None = None
+) -> Config:
     """Read a YAML config, apply ``key.sub=value`` overrides, type-check and validate it.
 
     Args:
@@ -311,11 +458,12 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 def _infer_schema(raw: dict[str, Any]) -> type[Config]:
-    for schema in SCHEMAS:
-        names = {f.name for f in dataclasses.fields(schema)}
-        if set(raw) <= names:
-            return schema
-    return SCHEMAS[-1]
+    """The first schema that knows the most top-level keys (the narrowest when several know them all)."""
+
+    def unknown(schema: type[Config]) -> int:
+        return len(set(raw) - {f.name for f in dataclasses.fields(schema)})
+
+    return min(SCHEMAS, key=unknown)
 
 
 def _set_nested(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -358,7 +506,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"config key '{key}': expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+            return tuple(
+                _coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+            )
         item_tp = args[0] if args else Any
         items = [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items

@@ -34,9 +34,17 @@ def test_every_shipped_config_loads(path):
 
 
 def test_overrides_apply_with_yaml_types(tmp_path):
-    cfg = load_config(REPO / "configs/finetune/isic.yaml",
-                      ["data.root=/x", "model.encoder=resnet18", "train.batch_size=8", "fraction=0.05",
-                       "model.encoder_weights=null", "augment.crop_scale=[0.2, 1]"])
+    cfg = load_config(
+        REPO / "configs/finetune/isic.yaml",
+        [
+            "data.root=/x",
+            "model.encoder=resnet18",
+            "train.batch_size=8",
+            "fraction=0.05",
+            "model.encoder_weights=null",
+            "augment.crop_scale=[0.2, 1]",
+        ],
+    )
     assert isinstance(cfg, FinetuneConfig)
     assert cfg.data.root == "/x"
     assert cfg.model.encoder == "resnet18"

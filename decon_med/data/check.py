@@ -39,8 +39,12 @@ def check_dataset(cfg: Config, progress: bool = True) -> dict:
     layout.check_root()
     labeled = layout.name != "unlabeled"
     splits = SPLITS if labeled else ("train",)
-    summary: dict = {"dataset": layout.name, "root": str(layout.root), "classes": list(layout.class_names),
-                     "splits": {}}
+    summary: dict = {
+        "dataset": layout.name,
+        "root": str(layout.root),
+        "classes": list(layout.class_names),
+        "splits": {},
+    }
     train_items: list[dict] = []
     for split in splits:
         items = layout.items(split, labeled=labeled)
@@ -52,8 +56,11 @@ def check_dataset(cfg: Config, progress: bool = True) -> dict:
     fraction = getattr(cfg, "fraction", None)
     if fraction is not None:
         subset = split_fraction(train_items, fraction, cfg.seed)
-        summary["fraction"] = {"fraction": fraction, "seed": cfg.seed,
-                               "n_images": len({it.get("group", it["id"]) for it in subset})}
+        summary["fraction"] = {
+            "fraction": fraction,
+            "seed": cfg.seed,
+            "n_images": len({it.get("group", it["id"]) for it in subset}),
+        }
     return summary
 
 
@@ -73,11 +80,14 @@ def _check_items(layout: Layout, items: list[dict], split: str, workers: int, pr
         else:
             raw = read_mask(label_path)
         if raw.shape != image.shape[:2]:
-            raise DataError(label_path, f"mask size {tuple(raw.shape)} differs from image size "
-                            f"{tuple(image.shape[:2])} of {item['image']}")
+            raise DataError(
+                label_path,
+                f"mask size {tuple(raw.shape)} differs from image size "
+                f"{tuple(image.shape[:2])} of {item['image']}",
+            )
         layout.map_label(raw, label_path)
         values, counts = np.unique(raw, return_counts=True)
-        return image.shape[:2], Counter(dict(zip(values.tolist(), counts.tolist())))
+        return image.shape[:2], Counter(dict(zip(values.tolist(), counts.tolist(), strict=True)))
 
     sizes: Counter = Counter()
     hist: Counter = Counter()
@@ -124,12 +134,16 @@ def format_summary(summary: dict) -> str:
             lines.append(f"  {split:<6} " + "  ".join(f"{v}: {c / total:.1%}" for v, c in hist.items()))
     official = getattr(LAYOUTS.get(summary["dataset"]), "official_counts", None)
     if official:
-        diffs = [f"{k} {summary['splits'][k]['n_scans']}/{n}" for k, n in official.items()
-                 if k in summary["splits"] and summary["splits"][k]["n_scans"] != n]
+        diffs = [
+            f"{k} {summary['splits'][k]['n_scans']}/{n}"
+            for k, n in official.items()
+            if k in summary["splits"] and summary["splits"][k]["n_scans"] != n
+        ]
         if diffs:
             lines.append("note: counts differ from the official release (" + ", ".join(diffs) + ")")
     if "fraction" in summary:
         f = summary["fraction"]
-        lines.append(f"label fraction {f['fraction']} (seed {f['seed']}) selects {f['n_images']} training images")
+        lines.append(
+            f"label fraction {f['fraction']} (seed {f['seed']}) selects {f['n_images']} training images"
+        )
     return "\n".join(lines)
-

@@ -65,8 +65,11 @@ class LoadSample(Transform):
             else:
                 raw = read_mask(label_path)
             if raw.shape != image.shape[:2]:
-                raise DataError(label_path, f"mask size {tuple(raw.shape)} differs from image size "
-                                f"{tuple(image.shape[:2])} of {item['image']}")
+                raise DataError(
+                    label_path,
+                    f"mask size {tuple(raw.shape)} differs from image size "
+                    f"{tuple(image.shape[:2])} of {item['image']}",
+                )
             sample["label"] = self.layout.map_label(raw, label_path)
         return sample
 
@@ -95,18 +98,34 @@ def build_transform(cfg: Config, mode: Mode):
     data, aug = cfg.data, cfg.augment
     common = {"modality": data.modality, "in_channels": data.in_channels}
     if mode == "pretrain":
-        return TwoViewTransform(data.image_size, crop_scale=tuple(aug.crop_scale), min_overlap=aug.min_overlap,
-                                hflip=aug.hflip, color=aug.color, **common)
+        return TwoViewTransform(
+            data.image_size,
+            crop_scale=tuple(aug.crop_scale),
+            min_overlap=aug.min_overlap,
+            hflip=aug.hflip,
+            color=aug.color,
+            **common,
+        )
     if mode == "train":
-        return SegTrainTransform(data.image_size, crop_scale=tuple(aug.finetune_crop_scale), hflip=aug.hflip,
-                                 vflip=aug.vflip, **common)
+        return SegTrainTransform(
+            data.image_size,
+            crop_scale=tuple(aug.finetune_crop_scale),
+            hflip=aug.hflip,
+            vflip=aug.vflip,
+            **common,
+        )
     if mode == "eval":
         return SegEvalTransform(data.image_size, **common)
     raise ValueError(f"unknown mode '{mode}'; expected pretrain, train or eval")
 
 
-def build_dataset(cfg: Config, split: str = "train", mode: Mode = "eval", items: list[dict] | None = None,
-                  progress: bool = False) -> Dataset:
+def build_dataset(
+    cfg: Config,
+    split: str = "train",
+    mode: Mode = "eval",
+    items: list[dict] | None = None,
+    progress: bool = False,
+) -> Dataset:
     """A MONAI ``Dataset`` (``CacheDataset`` when ``data.cache_rate > 0``) for one split and mode.
 
     Args:
@@ -132,8 +151,13 @@ def build_dataset(cfg: Config, split: str = "train", mode: Mode = "eval", items:
     steps.append(build_transform(cfg, mode))
     transform = Compose(steps)
     if cfg.data.cache_rate > 0:
-        ds = CacheDataset(items, transform, cache_rate=cfg.data.cache_rate, num_workers=cfg.data.num_workers or None,
-                          progress=progress)
+        ds = CacheDataset(
+            items,
+            transform,
+            cache_rate=cfg.data.cache_rate,
+            num_workers=cfg.data.num_workers or None,
+            progress=progress,
+        )
     else:
         ds = Dataset(items, transform)
     ds.seeder = seeder
@@ -148,13 +172,27 @@ def set_epoch(dataset: Dataset, epoch: int) -> None:
         seeder.epoch = epoch
 
 
-def build_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0,
-                 drop_last: bool = False, seed: int = 0, epoch: int = 0) -> DataLoader:
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+) -> DataLoader:
     """A MONAI ``DataLoader`` whose shuffling order depends only on (seed, epoch).
 
     Workers are not persistent, so :func:`set_epoch` reaches them at the start of every epoch.
     """
     set_epoch(dataset, epoch)
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      drop_last=drop_last, generator=generator, pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+    )

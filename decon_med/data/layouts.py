@@ -114,8 +114,14 @@ class Layout:
         """One item for a 2D image; one per kept slice for a NIfTI volume."""
         item_id = self._item_id(image)
         if not is_nifti(image):
-            return [{"image": str(image), "label": None if label is None else str(label), "id": item_id,
-                     "group": item_id}]
+            return [
+                {
+                    "image": str(image),
+                    "label": None if label is None else str(label),
+                    "id": item_id,
+                    "group": item_id,
+                }
+            ]
         slices = scan_volume(image, slice_options(self.cfg), id_prefix=item_id)
         for item in slices:
             item["label"] = None if label is None else str(label)
@@ -209,17 +215,27 @@ class Isic2017(Layout):
 
     def _pairs(self, split, labeled):
         word = self._split_words[split]
-        data_dir = _require(_find_dir(self.root, rf"isic-2017_{word}_data"), self.root,
-                            f"ISIC 2017 {split} image folder", self.expected_tree)
+        data_dir = _require(
+            _find_dir(self.root, rf"isic-2017_{word}_data"),
+            self.root,
+            f"ISIC 2017 {split} image folder",
+            self.expected_tree,
+        )
         images = _by_key(_files(data_dir, [r"isic_\d+\.(jpe?g|png)"]), lambda p: p.stem.lower())
         if not images:
             raise DataError(data_dir, "no ISIC_*.jpg images in this folder")
         if not labeled:
             return [(images[k], None) for k in sorted(images)]
-        gt_dir = _require(_find_dir(self.root, rf"isic-2017_{word}_part1_groundtruth"), self.root,
-                          f"ISIC 2017 {split} ground-truth folder", self.expected_tree)
-        masks = _by_key(_files(gt_dir, [r"isic_\d+_segmentation\.png"]),
-                        lambda p: p.stem.lower().removesuffix("_segmentation"))
+        gt_dir = _require(
+            _find_dir(self.root, rf"isic-2017_{word}_part1_groundtruth"),
+            self.root,
+            f"ISIC 2017 {split} ground-truth folder",
+            self.expected_tree,
+        )
+        masks = _by_key(
+            _files(gt_dir, [r"isic_\d+_segmentation\.png"]),
+            lambda p: p.stem.lower().removesuffix("_segmentation"),
+        )
         return _match(images, masks, gt_dir)
 
 
@@ -251,15 +267,20 @@ class Refuge(Layout):
 
     def _pairs(self, split, labeled):
         image_pat, gt_pat = self._dirs[split]
-        data_dir = _require(_find_dir(self.root, image_pat, exclude=r"gt|annotation"), self.root,
-                            f"REFUGE {split} image folder", self.expected_tree)
+        data_dir = _require(
+            _find_dir(self.root, image_pat, exclude=r"gt|annotation"),
+            self.root,
+            f"REFUGE {split} image folder",
+            self.expected_tree,
+        )
         images = _by_key(_files(data_dir), lambda p: p.stem.lower())
         if not images:
             raise DataError(data_dir, "no images in this folder")
         if not labeled:
             return [(images[k], None) for k in sorted(images)]
-        gt_dir = _require(_find_dir(self.root, gt_pat), self.root, f"REFUGE {split} ground-truth folder",
-                          self.expected_tree)
+        gt_dir = _require(
+            _find_dir(self.root, gt_pat), self.root, f"REFUGE {split} ground-truth folder", self.expected_tree
+        )
         mask_dir = _find_dir(gt_dir, r"disc_cup_masks") or gt_dir
         masks = _by_key(_files(mask_dir), lambda p: p.stem.lower())
         return _match(images, masks, mask_dir)
@@ -287,16 +308,18 @@ class LabeledFolder(Layout):
         self.class_names = tuple(cfg.class_names) if cfg.class_names else tuple(f"class{i}" for i in range(n))
 
     def _pairs(self, split, labeled):
-        image_dir = _require(_find_dir(self.root, "images", depth=1), self.root, "images/ folder",
-                             self.expected_tree)
+        image_dir = _require(
+            _find_dir(self.root, "images", depth=1), self.root, "images/ folder", self.expected_tree
+        )
         images = _by_key(_files(image_dir), file_stem)
         if not images:
             raise DataError(image_dir, "no images in this folder")
         ids = self._split_ids(sorted(images), split)
         if not labeled:
             return [(images[k], None) for k in ids]
-        mask_dir = _require(_find_dir(self.root, "masks|labels", depth=1), self.root, "masks/ folder",
-                            self.expected_tree)
+        mask_dir = _require(
+            _find_dir(self.root, "masks|labels", depth=1), self.root, "masks/ folder", self.expected_tree
+        )
         pairs = _match(images, _by_key(_files(mask_dir), file_stem), mask_dir)
         keep = set(ids)
         return [(img, mask) for img, mask in pairs if file_stem(img) in keep]

@@ -1,0 +1,494 @@
+"""Tensor transforms: two overlapping views for dense self-supervised pre-training, and fine-tuning / evaluation.
+
+Inputs are sample dicts ``{"image": (H, W, C) float32 in [0, 1], "label": (H, W) int64 (optional), "id": str}``;
+other keys pass through. Outputs hold CHW float32 tensors normalised by ``(x - mean) / std``.
+
+Randomness: when ``data["seed"]`` is set, every random draw of that call derives from it (same seed, same
+tensors), which makes resumed runs bit-exact. Without it a transform draws from its own generator, seeded by the
+constructor's ``seed``; inside a ``DataLoader`` worker that generator is re-seeded from the worker's torch seed so
+that workers do not repeat each other's augmentations.
+
+Geometry is done here with numpy / OpenCV so that crop boxes are exact. Pixel convention: pixel ``j`` covers
+``[j, j + 1)``; a crop ``(x0, y0, w, h)`` covers ``[x0, x0 + w) x [y0, y0 + h)`` and is resized with OpenCV's
+half-pixel-centre sampling, so crop coordinate ``x`` lands at ``(x - x0) / w`` of the output side.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+MODALITIES = ("rgb", "gray", "mr", "ct")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Channel averages of the ImageNet statistics: a 1-channel input is scaled like a replicated 3-channel one.
+GRAY_MEAN = (0.449,)
+GRAY_STD = (0.226,)
+
+# A crop in source pixels: (x0, y0, w, h), covering [x0, x0 + w) x [y0, y0 + h).
+Crop = tuple[int, int, int, int]
+
+
+def default_normalisation(in_channels: int, modality: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std used to normalise network inputs.
+
+    Three channels (RGB, or greyscale replicated) use the ImageNet statistics, as ImageNet-style encoders
+    expect. One channel uses the channel average of those statistics, ``(0.449,)`` / ``(0.226,)``, so that an
+    encoder whose first convolution was summed over RGB sees inputs on the same scale. The modality does not
+    change the statistics (images arrive already scaled to [0, 1]); it is only validated.
+
+    Example:
+        >>> default_normalisation(1, "ct")
+        ((0.449,), (0.226,))
+    """
+    _check_modality(modality, in_channels)
+    if in_channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return GRAY_MEAN, GRAY_STD
+
+
+def _check_modality(modality: str, in_channels: int) -> None:
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality '{modality}'; expected one of {', '.join(MODALITIES)}")
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+
+
+def _resolve_normalisation(
+    in_channels: int, modality: str, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    default_mean, default_std = default_normalisation(in_channels, modality)
+    mean = default_mean if mean is None else tuple(mean)
+    std = default_std if std is None else tuple(std)
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ValueError(f"mean and std need {in_channels} values, got {len(mean)} and {len(std)}")
+    if min(std) <= 0:
+        raise ValueError(f"std must be positive, got {std}")
+    return np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Crop geometry
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _sample_crop(
+    rng: np.random.Generator, height: int, width: int, scale: Sequence[float], ratio: Sequence[float]
+) -> Crop:
+    """A random-resized-crop rectangle with torchvision ``RandomResizedCrop.get_params`` semantics.
+
+    The area fraction is uniform in ``scale``, the aspect ratio ``w / h`` log-uniform in ``ratio``; after 10
+    rejected tries it falls back to the largest centred crop whose aspect ratio lies in ``ratio``.
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            x0 = int(rng.integers(0, width - w + 1))
+            y0 = int(rng.integers(0, height - h + 1))
+            return x0, y0, w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _intersection(a: Crop, b: Crop) -> tuple[int, int, int, int] | None:
+    """The intersection ``(ix0, iy0, ix1, iy1)`` of two crops, or None when it has no area."""
+    ix0, iy0 = max(a[0], b[0]), max(a[1], b[1])
+    ix1, iy1 = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
+    if ix1 <= ix0 or iy1 <= iy0:
+        return None
+    return ix0, iy0, ix1, iy1
+
+
+def _sample_two_crops(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    min_overlap: float,
+    max_tries: int,
+) -> tuple[Crop, Crop]:
+    """Two random-resized crops whose intersection covers at least ``min_overlap`` of the image area.
+
+    Crop 2 is re-sampled up to ``max_tries`` times until its intersection with crop 1 is non-empty and at least
+    ``min_overlap * height * width`` pixels; then crop 1 is used again. (SlotCon instead compares the
+    intersection with the second crop's area; the image area gives a threshold independent of crop size.)
+    """
+    crop1 = _sample_crop(rng, height, width, scale, ratio)
+    min_area = min_overlap * height * width
+    for _ in range(max_tries):
+        crop2 = _sample_crop(rng, height, width, scale, ratio)
+        inter = _intersection(crop1, crop2)
+        if inter is not None and (inter[2] - inter[0]) * (inter[3] - inter[1]) >= min_area:
+            return crop1, crop2
+    return crop1, crop1
+
+
+def _overlap_box(crop: Crop, inter: tuple[int, int, int, int]) -> torch.Tensor:
+    """The intersection in the crop's own normalised coordinates, ``[x0, y0, x1, y1]`` in [0, 1]."""
+    x0, y0, w, h = crop
+    ix0, iy0, ix1, iy1 = inter
+    box = ((ix0 - x0) / w, (iy0 - y0) / h, (ix1 - x0) / w, (iy1 - y0) / h)
+    return torch.tensor(box, dtype=torch.float32)
+
+
+def _resized_crop(array: np.ndarray, crop: Crop, size: int, interpolation: int) -> np.ndarray:
+    """Crop ``array`` (HW or HWC) to ``crop`` and resize it to ``size x size``, keeping its dimensions."""
+    x0, y0, w, h = crop
+    patch = np.ascontiguousarray(array[y0 : y0 + h, x0 : x0 + w])
+    out = cv2.resize(patch, (size, size), interpolation=interpolation)
+    if array.ndim == 3 and out.ndim == 2:  # OpenCV drops a single channel
+        out = out[:, :, None]
+    return out
+
+
+def _resize_label(label: np.ndarray, crop: Crop, size: int) -> np.ndarray:
+    """Nearest-neighbour resized crop of a class-index mask.
+
+    ``INTER_NEAREST_EXACT`` samples at pixel centres like the ``INTER_LINEAR`` image resize, so image and mask
+    stay aligned (plain ``INTER_NEAREST`` is biased by up to half a pixel).
+    """
+    out = _resized_crop(label.astype(np.int32), crop, size, cv2.INTER_NEAREST_EXACT)
+    return out.astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Arrays and tensors
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """``image`` as float32 HWC with ``channels`` channels (greyscale replicated, or averaged to one)."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ValueError(f"expected an (H, W, C) image with C in (1, 3), got shape {image.shape}")
+    if image.shape[2] == channels:
+        return image
+    if channels == 3:
+        return np.repeat(image, 3, axis=2)
+    return image.mean(axis=2, keepdims=True)
+
+
+def _to_tensor(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    """HWC float array -> normalised CHW float32 tensor."""
+    normalised = (image.astype(np.float32) - mean) / std
+    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
+
+
+def _label(data: dict) -> np.ndarray | None:
+    label = data.get("label")
+    return None if label is None else np.asarray(label)
+
+
+def _run_seeded(pipeline: A.Compose, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Apply an albumentations pipeline with every transform seeded from ``rng``.
+
+    Each transform gets its own seed: seeding only the ``Compose`` would give all of them the same stream, so
+    their apply-or-not draws would be correlated.
+    """
+    seeds = rng.integers(0, 2**32, size=len(pipeline.transforms) + 1)
+    pipeline.set_random_seed(int(seeds[0]))
+    for transform, seed in zip(pipeline.transforms, seeds[1:], strict=True):
+        transform.set_random_seed(int(seed))
+    return np.clip(pipeline(image=image)["image"], 0.0, 1.0).astype(np.float32, copy=False)
+
+
+class _RandomTransform:
+    """Base of the random transforms: picks the generator of one call."""
+
+    def __init__(self, seed: int | None):
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+        self._rng_worker: int | None = None  # DataLoader worker the generator was re-seeded for
+
+    def _rng_for(self, data: dict) -> np.random.Generator:
+        if data.get("seed") is not None:
+            return np.random.default_rng(int(data["seed"]))
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker.id != self._rng_worker:
+            entropy = [worker.seed] if self.seed is None else [self.seed, worker.seed]
+            self._rng = np.random.default_rng(entropy)
+            self._rng_worker = worker.id
+        return self._rng
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Photometric pipelines
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _blur(p: float) -> A.GaussianBlur:
+    return A.GaussianBlur(blur_limit=0, sigma_limit=(0.1, 2.0), p=p)
+
+
+def _pretrain_photometric(colour: bool, view: int) -> A.Compose:
+    """The photometric augmentation of one pre-training view (1 or 2)."""
+    if colour:
+        ops = [A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8), A.ToGray(p=0.2)]
+    else:
+        ops = [
+            A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.0, hue=0.0, p=0.8),
+            A.RandomGamma(gamma_limit=(70, 150), p=0.5),
+        ]
+    if view == 1:
+        ops.append(_blur(1.0))
+    else:
+        ops.append(_blur(0.1))
+        if colour:
+            ops.append(A.Solarize(threshold_range=(0.5, 0.5), p=0.2))
+        else:
+            ops.append(A.GaussNoise(std_range=(0.01, 0.04), per_channel=False, p=0.5))
+    return A.Compose(ops)
+
+
+def _finetune_photometric(colour: bool) -> A.Compose:
+    if colour:
+        return A.Compose([A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.02, p=0.5)])
+    return A.Compose([A.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.0, hue=0.0, p=0.5)])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public transforms
+# --------------------------------------------------------------------------------------------------------------
+
+
+class TwoViewTransform(_RandomTransform):
+    """Two overlapping random-resized crops of one image for dense SSL (SlotCon).
+
+    Steps: sample crop 1, re-sample crop 2 until the crops overlap on at least ``min_overlap`` of the image
+    area (see :func:`_sample_two_crops`), resize both to ``size x size`` (bilinear), flip each horizontally with
+    probability ``hflip``, apply the photometric augmentation of the view, normalise.
+
+    Photometric augmentation (``color=True``), following SlotCon / BYOL:
+
+    - ``rgb`` with 3 channels: ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, ToGray p 0.2, Gaussian blur sigma
+      (0.1, 2.0) always on view 1 and p 0.1 on view 2, Solarize(0.5) p 0.2 on view 2.
+    - ``gray`` / ``mr`` / ``ct`` (and 1-channel ``rgb``): no hue, saturation or ToGray, which are meaningless
+      for intensity images; brightness/contrast jitter (0.4, 0.4) p 0.8, random gamma in [0.7, 1.5] p 0.5, the
+      same blur rule, and light Gaussian noise (std 0.01-0.04, identical on all channels) p 0.5 on view 2 in
+      place of solarisation, which inverts tissue contrast.
+
+    Output keys: ``view1``, ``view2`` (C, size, size) float32; ``box1``, ``box2`` (4,) float32, the overlap of
+    the two crops as ``[x0, y0, x1, y1]`` in [0, 1] of each view's own *unflipped* crop (x along width);
+    ``flip1``, ``flip2`` 0-dim bool tensors, True when the view was flipped horizontally after resizing. To
+    compare the views, flip a flagged view's feature map back (``feat.flip(-1)``), then pool the box
+    (e.g. ``roi_align(..., aligned=True)`` with the box times the map size). ``image`` and ``label`` are
+    dropped; other keys pass through.
+
+    Args:
+        size: output side in pixels.
+        crop_scale: range of the crop area as a fraction of the image area.
+        ratio: range of the crop aspect ratio ``w / h`` (sampled log-uniformly).
+        min_overlap: minimum intersection area of the two crops, as a fraction of the image area.
+        max_tries: re-samplings of crop 2 before falling back to crop 1.
+        hflip: probability of flipping each view horizontally.
+        modality: ``rgb``, ``gray``, ``mr`` or ``ct``; selects the photometric augmentation.
+        in_channels: channels of the output (1, or 3 with greyscale replicated).
+        color: enable the photometric augmentation.
+        mean, std: normalisation; default :func:`default_normalisation`.
+        seed: seed of the internal generator, used when a sample has no ``"seed"``.
+
+    Example:
+        >>> t = TwoViewTransform(224, modality="rgb", in_channels=3)
+        >>> out = t({"image": image, "id": "a", "seed": 7})
+        >>> out["view1"].shape, out["box1"], out["flip1"]
+        (torch.Size([3, 224, 224]), tensor([0.12, 0.00, 1.00, 0.83]), tensor(False))
+    """
+
+    def __init__(
+        self,
+        size: int,
+        crop_scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        min_overlap: float = 0.01,
+        max_tries: int = 100,
+        hflip: float = 0.5,
+        modality: str = "rgb",
+        in_channels: int = 3,
+        color: bool = True,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        seed: int | None = None,
+    ):
+        super().__init__(seed)
+        self.mean, self.std = _resolve_normalisation(in_channels, modality, mean, std)
+        if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {tuple(crop_scale)}")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < low <= high, got {tuple(ratio)}")
+        self.size = size
+        self.crop_scale = tuple(crop_scale)
+        self.ratio = tuple(ratio)
+        self.min_overlap = min_overlap
+        self.max_tries = max_tries
+        self.hflip = hflip
+        self.modality = modality
+        self.in_channels = in_channels
+        self.color = color
+        colour = modality == "rgb" and in_channels == 3
+        self._photometric = (
+            (_pretrain_photometric(colour, 1), _pretrain_photometric(colour, 2)) if color else None
+        )
+
+    def __call__(self, data: dict) -> dict:
+        rng = self._rng_for(data)
+        image = _to_channels(data["image"], self.in_channels)
+        height, width = image.shape[:2]
+        crops = _sample_two_crops(
+            rng, height, width, self.crop_scale, self.ratio, self.min_overlap, self.max_tries
+        )
+        flips = rng.random(2) < self.hflip
+        inter = _intersection(*crops)
+
+        out = {key: value for key, value in data.items() if key not in ("image", "label")}
+        for k, (crop, flip) in enumerate(zip(crops, flips, strict=True), start=1):
+            view = _resized_crop(image, crop, self.size, cv2.INTER_LINEAR)
+            if flip:
+                view = view[:, ::-1]
+            if self._photometric is not None:
+                view = _run_seeded(self._photometric[k - 1], np.ascontiguousarray(view), rng)
+            out[f"view{k}"] = _to_tensor(view, self.mean, self.std)
+            out[f"box{k}"] = _overlap_box(crop, inter)
+            out[f"flip{k}"] = torch.tensor(bool(flip))
+        return out
+
+
+class SegTrainTransform(_RandomTransform):
+    """Fine-tuning augmentation of an image and its mask.
+
+    Random resized crop (area fraction in ``crop_scale``, aspect ratio in [3/4, 4/3]) resized to
+    ``size x size`` (bilinear image, nearest mask), horizontal / vertical flips, then mild intensity jitter:
+    ColorJitter(0.2, 0.2, 0.1, 0.02) p 0.5 for 3-channel ``rgb``, brightness/contrast (0.1, 0.1) p 0.5 for the
+    greyscale modalities. A missing or None ``label`` is left out of the output.
+
+    Args:
+        size: output side in pixels.
+        crop_scale: range of the crop area as a fraction of the image area.
+        hflip, vflip: flip probabilities.
+        modality: ``rgb``, ``gray``, ``mr`` or ``ct``.
+        in_channels: channels of the output (1, or 3 with greyscale replicated).
+        mean, std: normalisation; default :func:`default_normalisation`.
+        seed: seed of the internal generator, used when a sample has no ``"seed"``.
+
+    Example:
+        >>> t = SegTrainTransform(224, modality="rgb")
+        >>> out = t({"image": image, "label": mask, "id": "a", "seed": 3})
+        >>> out["image"].shape, out["label"].shape, out["label"].dtype
+        (torch.Size([3, 224, 224]), torch.Size([224, 224]), torch.int64)
+    """
+
+    ratio = (3 / 4, 4 / 3)
+
+    def __init__(
+        self,
+        size: int,
+        crop_scale: Sequence[float] = (0.5, 1.0),
+        hflip: float = 0.5,
+        vflip: float = 0.0,
+        modality: str = "rgb",
+        in_channels: int = 3,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        seed: int | None = None,
+    ):
+        super().__init__(seed)
+        self.mean, self.std = _resolve_normalisation(in_channels, modality, mean, std)
+        if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {tuple(crop_scale)}")
+        self.size = size
+        self.crop_scale = tuple(crop_scale)
+        self.hflip = hflip
+        self.vflip = vflip
+        self.modality = modality
+        self.in_channels = in_channels
+        self._photometric = _finetune_photometric(modality == "rgb" and in_channels == 3)
+
+    def __call__(self, data: dict) -> dict:
+        rng = self._rng_for(data)
+        image = _to_channels(data["image"], self.in_channels)
+        label = _label(data)
+        crop = _sample_crop(rng, image.shape[0], image.shape[1], self.crop_scale, self.ratio)
+        do_hflip, do_vflip = rng.random() < self.hflip, rng.random() < self.vflip
+
+        image = _resized_crop(image, crop, self.size, cv2.INTER_LINEAR)
+        if label is not None:
+            label = _resize_label(label, crop, self.size)
+        if do_hflip:
+            image = image[:, ::-1]
+            label = None if label is None else label[:, ::-1]
+        if do_vflip:
+            image = image[::-1]
+            label = None if label is None else label[::-1]
+        image = _run_seeded(self._photometric, np.ascontiguousarray(image), rng)
+
+        out = {key: value for key, value in data.items() if key != "label"}
+        out["image"] = _to_tensor(image, self.mean, self.std)
+        if label is not None:
+            out["label"] = torch.from_numpy(np.ascontiguousarray(label))
+        return out
+
+
+class SegEvalTransform:
+    """Deterministic resize to ``size x size`` for evaluation.
+
+    The image is resized bilinearly, the mask (if any) with nearest neighbour; ``data["orig_size"]`` records
+    the input ``(H, W)`` so predictions can be resized back. A missing or None ``label`` is left out.
+
+    Args:
+        size: output side in pixels.
+        modality: ``rgb``, ``gray``, ``mr`` or ``ct``.
+        in_channels: channels of the output (1, or 3 with greyscale replicated).
+        mean, std: normalisation; default :func:`default_normalisation`.
+
+    Example:
+        >>> out = SegEvalTransform(224)({"image": image, "label": mask, "id": "a"})
+        >>> out["image"].shape, out["orig_size"]
+        (torch.Size([3, 224, 224]), (480, 640))
+    """
+
+    def __init__(
+        self,
+        size: int,
+        modality: str = "rgb",
+        in_channels: int = 3,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ):
+        self.mean, self.std = _resolve_normalisation(in_channels, modality, mean, std)
+        self.size = size
+        self.modality = modality
+        self.in_channels = in_channels
+
+    def __call__(self, data: dict) -> dict:
+        image = _to_channels(data["image"], self.in_channels)
+        height, width = image.shape[:2]
+        whole: Crop = (0, 0, width, height)
+        label = _label(data)
+
+        out = {key: value for key, value in data.items() if key != "label"}
+        out["image"] = _to_tensor(
+            _resized_crop(image, whole, self.size, cv2.INTER_LINEAR), self.mean, self.std
+        )
+        if label is not None:
+            out["label"] = torch.from_numpy(_resize_label(label, whole, self.size))
+        out["orig_size"] = (int(height), int(width))
+        return out
