@@ -270,7 +270,7 @@ class SSLConfig:
     alpha: float = 1.0
     levels: list[int] = field(default_factory=lambda: [-1])
     skip_dropout: float = 0.0
-    dec_grid: int = 14
+    dec_grid: int = 7
     num_prototypes: int = 256
     num_prototypes_dec: int = 256
     dim_hidden: int = 4096

@@ -1,0 +1,205 @@
+"""The segmentation network: an smp model whose encoder and decoder levels can be read out.
+
+``build_network`` creates the model with ``smp.create_model`` (``unet``, ``fpn``) or as :class:`FCN`, the paper's
+fine-tuning decoder written as an smp ``SegmentationModel`` so it saves and loads the same way.
+``features(network, x, skip_dropout)`` returns every encoder level and every decoder level; the decoder levels are
+collected with forward hooks on smp's own decoder blocks, so smp's forward code runs unchanged.
+
+Example:
+    >>> net = build_network(ModelConfig(arch="unet", encoder="resnet18"), in_channels=3, classes=2)
+    >>> enc, dec = features(net, torch.randn(2, 3, 64, 64))
+    >>> [f.shape[1] for f in enc], [f.shape[-1] for f in dec]
+    ([64, 64, 128, 256, 512], [4, 8, 16, 32, 64])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import torch
+from segmentation_models_pytorch.base import SegmentationHead, SegmentationModel
+from segmentation_models_pytorch.encoders import get_encoder
+from torch import nn
+
+from decon_med.config import ModelConfig
+from decon_med.errors import ConfigError
+
+
+class FCNDecoder(nn.Module):
+    """FCN head on the last encoder level: ``num_convs`` 3x3 convs (dilated), BN, ReLU (mmseg ``FCNHead``)."""
+
+    def __init__(self, in_channels: int, channels: int = 256, num_convs: int = 2, dilation: int = 6):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(num_convs):
+            layers += [
+                nn.Conv2d(
+                    in_channels if i == 0 else channels,
+                    channels,
+                    3,
+                    padding=dilation,
+                    dilation=dilation,
+                    bias=False,
+                ),
+                nn.BatchNorm2d(channels),
+                nn.ReLU(inplace=True),
+            ]
+        self.convs = nn.Sequential(*layers)
+        self.out_channels = channels
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.convs(features[-1])
+
+
+class FCN(SegmentationModel):
+    """ResNet + FCN head, the paper's fine-tuning network (mmseg ``fcn_d6_r50-d16``), as an smp model.
+
+    The encoder is dilated to ``encoder_output_stride`` (16), the head is two 3x3 convolutions with 256 channels
+    and dilation 6, each followed by BN and ReLU, then a 1x1 classifier upsampled to the input size.
+
+    Example:
+        >>> model = FCN("resnet50", encoder_weights=None, classes=3)
+        >>> model(torch.randn(1, 3, 64, 64)).shape
+        torch.Size([1, 3, 64, 64])
+    """
+
+    requires_divisible_input_shape = True
+
+    def __init__(
+        self,
+        encoder_name: str = "resnet50",
+        encoder_depth: int = 5,
+        encoder_weights: str | None = None,
+        encoder_output_stride: int = 16,
+        decoder_channels: int = 256,
+        decoder_dilation: int = 6,
+        in_channels: int = 3,
+        classes: int = 1,
+        activation: str | None = None,
+    ):
+        super().__init__()
+        self.encoder = get_encoder(
+            encoder_name, in_channels=in_channels, depth=encoder_depth, weights=encoder_weights
+        )
+        if encoder_output_stride != 32:
+            self.encoder.make_dilated(encoder_output_stride)
+        self.decoder = FCNDecoder(self.encoder.out_channels[-1], decoder_channels, dilation=decoder_dilation)
+        self.segmentation_head = SegmentationHead(
+            decoder_channels, classes, activation=activation, kernel_size=1, upsampling=encoder_output_stride
+        )
+        self.classification_head = None
+        self.name = f"fcn-{encoder_name}"
+        self.initialize()
+
+
+# ``smp.from_pretrained`` looks the class up on the smp module; make FCN folders loadable the same way.
+if not hasattr(smp, "FCN"):
+    smp.FCN = FCN
+
+
+def build_network(cfg: ModelConfig, in_channels: int = 3, classes: int = 1) -> SegmentationModel:
+    """The smp model of ``cfg`` with random weights, or the encoder weights of a local file.
+
+    Args:
+        cfg: ``arch``, ``encoder`` and ``encoder_weights`` (``None`` or a local ``.pth`` / ``.safetensors`` file
+            holding an encoder state dict, with or without an ``encoder.`` prefix).
+        in_channels: input channels.
+        classes: output classes of the segmentation head.
+    """
+    if cfg.arch == "fcn":
+        net = FCN(cfg.encoder, encoder_weights=None, in_channels=in_channels, classes=classes)
+    else:
+        # smp's FPN ends in Dropout2d(0.2); switched off so that no level of a teacher is ever dropped.
+        extra = {"decoder_dropout": 0.0} if cfg.arch == "fpn" else {}
+        net = smp.create_model(
+            cfg.arch,
+            encoder_name=cfg.encoder,
+            encoder_weights=None,
+            in_channels=in_channels,
+            classes=classes,
+            **extra,
+        )
+    if cfg.encoder_weights:
+        load_encoder_file(net, cfg.encoder_weights)
+    return net
+
+
+def load_encoder_file(net: SegmentationModel, path: str | Path) -> None:
+    """Load an encoder state dict from a local file strictly into ``net.encoder``."""
+    from decon_med.engine.checkpoint import load_state_file
+
+    state = load_state_file(path)
+    state = {
+        k.removeprefix("encoder."): v
+        for k, v in state.items()
+        if not k.startswith(("decoder.", "segmentation_head."))
+    }
+    result = net.encoder.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigError(
+            f"model.encoder_weights: {path} does not match encoder '{getattr(net.encoder, 'name', '?')}' "
+            f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})"
+        )
+
+
+def decoder_level_modules(net: SegmentationModel) -> list[nn.Module]:
+    """The decoder modules whose outputs are the decoder levels, coarsest first.
+
+    U-Net: every decoder block. FPN: the pyramid maps p5, p4, p3, p2, then the merged decoder output.
+    FCN: the head's output. The last level is always the decoder output that feeds the segmentation head.
+    """
+    decoder = net.decoder
+    if isinstance(net, smp.Unet):
+        return list(decoder.blocks)
+    if isinstance(net, smp.FPN):
+        return [decoder.p5, decoder.p4, decoder.p3, decoder.p2, decoder]
+    if isinstance(net, FCN):
+        return [decoder]
+    raise ValueError(f"no decoder levels defined for {type(net).__name__}")
+
+
+def features(
+    net: SegmentationModel, x: torch.Tensor, skip_dropout: nn.Module | None = None, decoder: bool = True
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every encoder level and every decoder level of ``net`` for input ``x``.
+
+    Args:
+        net: an smp model built by :func:`build_network`.
+        x: input batch (B, C, H, W).
+        skip_dropout: applied to the encoder levels only where they enter the decoder through skip connections;
+            the encoder's own path and the deepest level (the decoder's input) are never dropped.
+        decoder: ``False`` runs the encoder only and returns no decoder levels.
+
+    Returns:
+        ``(encoder_levels, decoder_levels)``: encoder outputs at strides 2, 4, 8, 16, 32 (the input itself is not a
+        level); decoder levels coarsest first, the last one feeding the segmentation head.
+    """
+    feats = net.encoder(x)
+    encoder_levels = list(feats[1:])
+    if not decoder:
+        return encoder_levels, []
+    if skip_dropout is not None:
+        feats = [feats[0], *(skip_dropout(f) for f in feats[1:-1]), feats[-1]]
+    outputs: list[torch.Tensor] = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for m in decoder_level_modules(net)
+    ]
+    try:
+        net.decoder(feats)
+    finally:
+        for h in hooks:
+            h.remove()
+    return encoder_levels, outputs
+
+
+@torch.no_grad()
+def level_channels(net: SegmentationModel, in_channels: int = 3) -> tuple[list[int], list[int]]:
+    """Channel counts of the encoder and decoder levels (one small forward pass in eval mode)."""
+    was_training = net.training
+    net.eval()
+    try:
+        enc, dec = features(net, torch.zeros(1, in_channels, 64, 64, device=next(net.parameters()).device))
+    finally:
+        net.train(was_training)
+    return [f.shape[1] for f in enc], [f.shape[1] for f in dec]

@@ -1,0 +1,37 @@
+"""The contract between self-supervised methods and the method-agnostic pre-training engine."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SSLMethod(nn.Module):
+    """Base class of a pre-training method.
+
+    A method owns the student ``network`` (an smp model: exactly what is exported and fine-tuned), its own heads,
+    and any teacher / queues / centres as sub-modules or buffers, so ``state_dict()`` captures everything a resume
+    needs. The engine only calls:
+
+    - ``forward(batch) -> dict``: ``"loss"`` (a scalar tensor with gradient) plus detached scalar parts for logging;
+      ``batch`` holds ``view1``, ``view2`` (B, C, H, W), ``box1``, ``box2`` (B, 4), ``flip1``, ``flip2`` (B,);
+    - ``after_step(step, total_steps) -> dict``: once per optimiser step, after ``optimizer.step()`` (teacher EMA,
+      queue updates); returns scalars to log, e.g. ``{"momentum": 0.995}``;
+    - ``trainable_parameters()``: named parameters the optimiser updates (the teacher's are excluded).
+
+    Example:
+        >>> method = build_method(cfg)            # decon_med.ssl.build_method
+        >>> out = method(batch); out["loss"].backward(); optimizer.step()
+        >>> method.after_step(step=1, total_steps=1000)
+    """
+
+    network: nn.Module
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def after_step(self, step: int, total_steps: int) -> dict[str, float]:
+        return {}
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(name, p) for name, p in self.named_parameters() if p.requires_grad]

@@ -1,0 +1,155 @@
+"""DeCon: joint encoder-decoder contrastive pre-training around a per-level method head (Quetin et al.).
+
+The wrapped method's auxiliary layers (a "head": projector, prototypes, predictor, centre, with their teacher
+copies) sit on the encoder's last level and, replicated, on each supervised decoder level:
+
+    loss = alpha * L_enc + (1 - alpha) * mean_l L_dec[l]
+
+- **SlotCon** (encoder only): no decoder level, alpha = 1; the decoder is not even run.
+- **DeCon-SL**: one decoder level (by default the decoder output that feeds the segmentation head).
+- **DeCon-ML**: several decoder levels (deep supervision) plus channel dropout on the encoder features entering
+  the decoder through skip connections; alpha = 0 (decoder losses only) is the paper's best with dropout 0.5.
+
+The teacher is an EMA copy of the student network and heads (cosine momentum 0.99 -> 1, one step per optimiser
+step); it runs without dropout and without gradient. Decoder levels are average-pooled to at most
+``dec_grid`` x ``dec_grid`` before their heads: a U-Net's finer levels are up to 112 x 112 at 224 px, and a
+4096-wide projector on every pixel would cost many times the encoder head. Pooling keeps each level's head near
+the encoder head's cost while the level still learns from a finer grid than the encoder's 7 x 7.
+
+Example:
+    >>> method = build_method(load_config("configs/pretrain/decon_ml.yaml"))   # decon_med.ssl.build_method
+    >>> out = method(batch)                       # {"loss", "enc", "dec", "dec0", ...}
+    >>> out["loss"].backward(); optimizer.step(); method.after_step(step, total_steps)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from decon_med.errors import ConfigError
+from decon_med.models.network import features, level_channels
+from decon_med.ssl.base import SSLMethod
+from decon_med.ssl.ema import cosine_momentum, frozen_copy, update_momentum
+
+#: Builds the head of one level: ``factory(in_channels, is_decoder) -> nn.Module``. The head is called as
+#: ``head(s1, s2, t1, t2, box1, box2, flip1, flip2) -> {"loss", parts...}`` and has ``update_teacher(momentum)``.
+HeadFactory = Callable[[int, bool], nn.Module]
+
+
+class DeCon(SSLMethod):
+    """Encoder head + one head per supervised decoder level, alpha-weighted, with an EMA teacher.
+
+    Args:
+        network: the student smp model (exported after pre-training).
+        head_factory: builds a level's head from its channel count (see ``HeadFactory``).
+        levels: supervised decoder levels (0 = coarsest; negative counts from the finest); empty = encoder only.
+        alpha: weight of the encoder loss; 1 runs the encoder only, 0 computes no encoder loss at all.
+        skip_dropout: Dropout2d probability on skip connections (student only).
+        dec_grid: pool decoder levels to at most this grid (0 = no pooling).
+        in_channels: input channels (to probe the level widths).
+        teacher_momentum: starting EMA momentum of the teacher.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        head_factory: HeadFactory,
+        levels: Sequence[int] = (),
+        alpha: float = 1.0,
+        skip_dropout: float = 0.0,
+        dec_grid: int = 7,
+        in_channels: int = 3,
+        teacher_momentum: float = 0.99,
+    ):
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"config key 'ssl.alpha': must be in [0, 1], got {alpha}")
+        if not 0.0 <= skip_dropout < 1.0:
+            raise ConfigError(f"config key 'ssl.skip_dropout': must be in [0, 1), got {skip_dropout}")
+        if alpha == 0.0 and not levels:
+            raise ConfigError("config key 'ssl.alpha': 0 needs at least one decoder level in ssl.levels")
+        enc_channels, dec_channels = level_channels(network, in_channels)
+        self.levels = _resolve_levels(levels, len(dec_channels), type(network).__name__)
+        self.alpha = alpha
+        self.dec_grid = dec_grid
+        self.teacher_momentum = teacher_momentum
+        self.network = network
+        self.teacher = frozen_copy(network)
+        self.enc_head = head_factory(enc_channels[-1], False)
+        self.dec_heads = nn.ModuleList(head_factory(dec_channels[level], True) for level in self.levels)
+        self.skip_dropout = nn.Dropout2d(skip_dropout) if skip_dropout > 0 else None
+
+    @property
+    def uses_decoder(self) -> bool:
+        return len(self.dec_heads) > 0 and self.alpha < 1.0
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        views = (batch["view1"], batch["view2"])
+        geometry = (batch["box1"], batch["box2"], batch["flip1"], batch["flip2"])
+        decoder = self.uses_decoder
+        student = [features(self.network, v, self.skip_dropout, decoder=decoder) for v in views]
+        with torch.no_grad():
+            teacher = [features(self.teacher, v, None, decoder=decoder) for v in views]
+
+        out: dict[str, torch.Tensor] = {}
+        loss = torch.zeros((), device=views[0].device)
+        if self.alpha > 0:
+            enc = self.enc_head(
+                student[0][0][-1], student[1][0][-1], teacher[0][0][-1], teacher[1][0][-1], *geometry
+            )
+            loss = loss + self.alpha * enc["loss"]
+            out.update(_parts("enc", enc))
+        if decoder:
+            level_losses = []
+            for level, head in zip(self.levels, self.dec_heads, strict=True):
+                maps = [self._pool(f[1][level]) for f in (*student, *teacher)]
+                dec = head(*maps, *geometry)
+                level_losses.append(dec["loss"])
+                out.update(_parts(f"dec{level}", dec))
+            dec_loss = torch.stack(level_losses).mean()
+            loss = loss + (1.0 - self.alpha) * dec_loss
+            out["dec"] = dec_loss.detach()
+        out["loss"] = loss
+        return out
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> dict[str, float]:
+        """EMA update of the teacher network and of every head's teacher layers."""
+        momentum = cosine_momentum(step, total_steps, start=self.teacher_momentum)
+        update_momentum(self.network, self.teacher, momentum)
+        for head in (self.enc_head, *self.dec_heads):
+            head.update_teacher(momentum)
+        return {"momentum": momentum}
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [
+            (n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("teacher.")
+        ]
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dec_grid and max(x.shape[-2:]) > self.dec_grid:
+            return F.adaptive_avg_pool2d(x, self.dec_grid)
+        return x
+
+
+def _parts(prefix: str, result: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{"loss": l, "group": g}`` -> ``{prefix: l, prefix_group: g}`` (detached, for logging)."""
+    return {(prefix if key == "loss" else f"{prefix}_{key}"): value.detach() for key, value in result.items()}
+
+
+def _resolve_levels(levels: Sequence[int], num_levels: int, arch: str) -> list[int]:
+    resolved = []
+    for level in levels:
+        if not -num_levels <= level < num_levels:
+            raise ConfigError(
+                f"config key 'ssl.levels': level {level} is out of range for {arch} with {num_levels} decoder "
+                f"levels (use 0..{num_levels - 1} or -{num_levels}..-1)"
+            )
+        resolved.append(level % num_levels)
+    if len(set(resolved)) != len(resolved):
+        raise ConfigError(f"config key 'ssl.levels': {list(levels)} names the same level twice")
+    return resolved

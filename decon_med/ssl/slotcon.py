@@ -1,0 +1,168 @@
+"""SlotCon: self-supervised semantic grouping and slot contrast on one feature level (Wen et al., NeurIPS 2022).
+
+:class:`SlotConHead` holds the auxiliary layers of one feature level — student projector, prototypes and slot
+predictor, their teacher copies, and the teacher centre — and computes the level's loss from student and teacher
+feature maps of two views:
+
+- **group loss**: the student's per-pixel prototype assignment of view 1 predicts the teacher's (centred,
+  sharpened) assignment of view 2 on their overlap, which both score maps are resampled to with ``roi_align``;
+- **slot loss**: InfoNCE between the student's predicted slots of view 1 and the teacher's slots of view 2, only
+  for prototypes that own at least one pixel in both views, scaled by ``2 * tau``;
+
+``loss = w * group + (1 - w) * slot``, summed over both directions (1 -> 2 and 2 -> 1), as in the reference.
+The encoder-only SlotCon method is :class:`decon_med.ssl.decon.DeCon` with no decoder level.
+
+Example:
+    >>> head = SlotConHead(in_channels=512, num_prototypes=256, dim_hidden=1024, dim_out=256)
+    >>> out = head(s1, s2, t1, t2, box1, box2, flip1, flip2)     # student maps s*, teacher maps t*
+    >>> out["loss"].backward(); head.update_teacher(momentum=0.99)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from decon_med.distributed import all_gather_no_grad, all_reduce_mean, rank
+from decon_med.models.heads import MLP, MLP2d, SemanticGrouping
+from decon_med.ssl.ema import frozen_copy, update_momentum
+
+
+def align_to_overlap(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Resample each map of ``x`` (N, C, H, W) onto its view's overlap box, undoing the view's horizontal flip.
+
+    ``boxes`` (N, 4) are ``[x0, y0, x1, y1]`` in [0, 1] of the unflipped crop and ``flips`` (N,) say whether the
+    view was mirrored: the map is un-mirrored first, then the box is cut out with ``roi_align(aligned=True)`` at the
+    map's own resolution. Two views' aligned maps then cover the same image region pixel for pixel.
+    """
+    n, _, h, w = x.shape
+    flips = flips.to(device=x.device, dtype=torch.bool).view(n, 1, 1, 1)
+    x = torch.where(flips, x.flip(-1), x)
+    scale = torch.tensor([w, h, w, h], device=x.device, dtype=x.dtype)
+    index = torch.arange(n, device=x.device, dtype=x.dtype).view(n, 1)
+    rois = torch.cat([index, boxes.to(device=x.device, dtype=x.dtype) * scale], dim=1)
+    return roi_align(x, rois, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+
+
+class SlotConHead(nn.Module):
+    """SlotCon's auxiliary layers and loss for one feature level, with their EMA teacher.
+
+    Args:
+        in_channels: channels of the feature level (2048 for ResNet-50's last level, 256 for FPN levels).
+        num_prototypes: prototypes K (256; DeCon decoder levels 256 or 384).
+        dim_hidden: hidden width of projector and predictor (4096).
+        dim_out: projector output / slot dimension (256).
+        teacher_temp: teacher assignment temperature (0.07), also the grouping temperature.
+        student_temp: student assignment temperature (0.1).
+        center_momentum: EMA momentum of the teacher centre (0.9).
+        group_loss_weight: w in ``w * group + (1 - w) * slot`` (0.5).
+        slot_temp: InfoNCE temperature tau (0.2).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_prototypes: int = 256,
+        dim_hidden: int = 4096,
+        dim_out: int = 256,
+        teacher_temp: float = 0.07,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        group_loss_weight: float = 0.5,
+        slot_temp: float = 0.2,
+    ):
+        super().__init__()
+        if not 0.0 <= group_loss_weight <= 1.0:
+            raise ValueError(f"group_loss_weight must be in [0, 1], got {group_loss_weight}")
+        if min(teacher_temp, student_temp, slot_temp) <= 0:
+            raise ValueError("temperatures must be > 0")
+        self.teacher_temp = teacher_temp
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.group_loss_weight = group_loss_weight
+        self.slot_temp = slot_temp
+        self.projector = MLP2d(in_channels, dim_hidden, dim_out)
+        self.grouping = SemanticGrouping(num_prototypes, dim_out, teacher_temp)
+        self.predictor = MLP(dim_out, dim_hidden, dim_out)
+        self.projector_t = frozen_copy(self.projector)
+        self.grouping_t = frozen_copy(self.grouping)
+        self.register_buffer("center", torch.zeros(1, num_prototypes))
+
+    def forward(
+        self,
+        s1: torch.Tensor,
+        s2: torch.Tensor,
+        t1: torch.Tensor,
+        t2: torch.Tensor,
+        box1: torch.Tensor,
+        box2: torch.Tensor,
+        flip1: torch.Tensor,
+        flip2: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Loss of one level from student maps ``s1, s2`` and teacher maps ``t1, t2`` of the two views."""
+        q1, score_q1 = self.grouping(self.projector(s1))
+        q2, score_q2 = self.grouping(self.projector(s2))
+        with torch.no_grad():
+            k1, score_k1 = self.grouping_t(self.projector_t(t1))
+            k2, score_k2 = self.grouping_t(self.projector_t(t2))
+            k1_aligned = align_to_overlap(score_k1, box1, flip1)
+            k2_aligned = align_to_overlap(score_k2, box2, flip2)
+        q1_aligned = align_to_overlap(score_q1, box1, flip1)
+        q2_aligned = align_to_overlap(score_q2, box2, flip2)
+
+        group = self._self_distill(q1_aligned, k2_aligned) + self._self_distill(q2_aligned, k1_aligned)
+        slot = self._slot_contrast(q1, k2, score_q1, score_k2) + self._slot_contrast(
+            q2, k1, score_q2, score_k1
+        )
+        if self.training:
+            self._update_center(torch.cat([score_k1, score_k2]))
+        w = self.group_loss_weight
+        loss = w * group + (1.0 - w) * slot
+        return {"loss": loss, "group": group.detach(), "slot": slot.detach()}
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA update of the teacher projector and prototypes."""
+        update_momentum(self.projector, self.projector_t, momentum)
+        update_momentum(self.grouping, self.grouping_t, momentum)
+
+    def _self_distill(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy between teacher and student prototype assignments, averaged over pixels."""
+        q = q.permute(0, 2, 3, 1).flatten(0, 2)
+        k = k.permute(0, 2, 3, 1).flatten(0, 2)
+        log_q = F.log_softmax(q.float() / self.student_temp, dim=-1)
+        p_k = F.softmax((k.float() - self.center) / self.teacher_temp, dim=-1)
+        return torch.sum(-p_k * log_q, dim=-1).mean()
+
+    def _slot_contrast(
+        self, q: torch.Tensor, k: torch.Tensor, score_q: torch.Tensor, score_k: torch.Tensor
+    ) -> torch.Tensor:
+        """InfoNCE over slots that own at least one pixel in both views (negatives: the other teacher slots)."""
+        b, num_k, _ = q.shape
+        present_q = _owned_prototypes(score_q).view(-1)
+        present_k = _owned_prototypes(score_k).view(-1)
+        idx_q = (present_q & present_k).nonzero().squeeze(-1)
+        all_present_k = all_gather_no_grad(present_k)
+        idx_k = all_present_k.nonzero().squeeze(-1)
+        if idx_q.numel() < 2:
+            # BatchNorm in the predictor needs two samples; such a tiny batch contributes no slot term.
+            return q.sum() * 0.0
+        keys = F.normalize(all_gather_no_grad(k.flatten(0, 1)).float(), dim=1)[idx_k]
+        queries = F.normalize(self.predictor(q.flatten(0, 1)[idx_q]).float(), dim=1)
+        logits = queries @ keys.t() / self.slot_temp
+        labels = all_present_k.long().cumsum(0)[idx_q + b * num_k * rank()] - 1
+        return F.cross_entropy(logits, labels) * (2.0 * self.slot_temp)
+
+    @torch.no_grad()
+    def _update_center(self, teacher_scores: torch.Tensor) -> None:
+        batch_center = all_reduce_mean(teacher_scores.float().mean(dim=(0, 2, 3)).unsqueeze(0))
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+
+
+def _owned_prototypes(scores: torch.Tensor) -> torch.Tensor:
+    """(B, K) bool: prototype k is the arg-max of at least one pixel of image b."""
+    owner = scores.argmax(dim=1)  # (B, h, w)
+    owned = torch.zeros(scores.shape[:2], dtype=torch.bool, device=scores.device)
+    return owned.scatter_(1, owner.flatten(1), True)
