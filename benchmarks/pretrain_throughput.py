@@ -43,6 +43,7 @@ def method_config(method: str, args: argparse.Namespace) -> PretrainConfig:
         f"model.arch={args.arch}",
         f"data.image_size={args.size}",
         f"ssl.dim_hidden={args.dim_hidden}",
+        f"ssl.dec_grid={args.dec_grid}",
         *METHODS[method],
     ]
     return load_config(None, overrides, schema=PretrainConfig)
@@ -131,6 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--encoder", default="resnet50")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--dim-hidden", type=int, default=4096)
+    parser.add_argument(
+        "--dec-grid", type=int, default=7, help="ssl.dec_grid (decoder levels pooled to this grid)"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64])
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     parser.add_argument("--warmup", type=int, default=2)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from decon_med import __version__
+from decon_med.cli_train import add_commands as add_train_commands
 from decon_med.errors import DeconError
 
 
@@ -80,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write a small synthetic dataset in an official layout")
     p.add_argument("--kind", required=True, choices=["isic", "refuge", "folder", "nifti"])
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--n", type=int, default=16, help="isic/refuge: training images (val/test get a quarter each); folder: all images; nifti: volumes")
+    p.add_argument(
+        "--n",
+        type=int,
+        default=16,
+        help="isic/refuge: training images (val/test get a quarter each); folder: all images; nifti: volumes",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_cmd_synth)
@@ -98,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="regenerate the synthetic data")
     p.set_defaults(func=_cmd_demo)
+
+    add_train_commands(sub)
     return parser
 
 

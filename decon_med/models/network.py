@@ -135,7 +135,8 @@ def load_encoder_file(net: SegmentationModel, path: str | Path) -> None:
         for k, v in state.items()
         if not k.startswith(("decoder.", "segmentation_head."))
     }
-    result = net.encoder.load_state_dict(state, strict=False)
+    # nn.Module's own loader: some smp encoders override load_state_dict and return nothing
+    result = nn.Module.load_state_dict(net.encoder, state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ConfigError(
             f"model.encoder_weights: {path} does not match encoder '{getattr(net.encoder, 'name', '?')}' "

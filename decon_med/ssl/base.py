@@ -16,13 +16,14 @@ class SSLMethod(nn.Module):
     - ``forward(batch) -> dict``: ``"loss"`` (a scalar tensor with gradient) plus detached scalar parts for logging;
       ``batch`` holds ``view1``, ``view2`` (B, C, H, W), ``box1``, ``box2`` (B, 4), ``flip1``, ``flip2`` (B,);
     - ``after_step(step, total_steps) -> dict``: once per optimiser step, after ``optimizer.step()`` (teacher EMA,
-      queue updates); returns scalars to log, e.g. ``{"momentum": 0.995}``;
+      queue updates), with the 0-based index of the step just taken; returns scalars to log, e.g.
+      ``{"momentum": 0.995}``;
     - ``trainable_parameters()``: named parameters the optimiser updates (the teacher's are excluded).
 
     Example:
         >>> method = build_method(cfg)            # decon_med.ssl.build_method
         >>> out = method(batch); out["loss"].backward(); optimizer.step()
-        >>> method.after_step(step=1, total_steps=1000)
+        >>> method.after_step(step=0, total_steps=1000)
     """
 
     network: nn.Module

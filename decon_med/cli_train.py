@@ -1,0 +1,64 @@
+"""The ``pretrain`` and ``export`` sub-commands of the ``decon-med`` command line.
+
+Example::
+
+    decon-med pretrain configs/pretrain/decon_ml.yaml data.root=/data/scans out_dir=runs/ml
+    decon-med pretrain configs/pretrain/decon_ml.yaml data.root=/data/scans out_dir=runs/ml --resume
+    decon-med export runs/ml/last.ckpt --out weights/ml
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from decon_med.config import PretrainConfig, load_config
+    from decon_med.engine.pretrain import pretrain
+
+    cfg = load_config(args.config, args.overrides, schema=PretrainConfig)
+    run = pretrain(
+        cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, max_steps=args.max_steps
+    )
+    done = run / "done.json"
+    state = "finished" if done.is_file() else f"stopped; continue it with --resume ({run / 'last.ckpt'})"
+    print(f"pre-training {state}: run folder {run}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from decon_med.engine.export import export
+
+    files = export(args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"exported {args.checkpoint} to {args.out}:")
+    for name, path in files.items():
+        print(f"  {name:16s} {path}")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``pretrain`` and ``export`` on the sub-command parsers of ``decon-med``.
+
+    Example:
+        >>> parser = argparse.ArgumentParser(); add_commands(parser.add_subparsers(dest="command"))
+    """
+    p = subparsers.add_parser(
+        "pretrain", help="self-supervised pre-training (SlotCon / DeCon) of an smp network"
+    )
+    p.add_argument("config", help="YAML pre-training config")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last.ckpt")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in out_dir and start again")
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="stop after this many optimiser steps (resumable)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = subparsers.add_parser(
+        "export", help="write a checkpoint's network as encoder / encoder-decoder weights"
+    )
+    p.add_argument("checkpoint", help="pre-training checkpoint, e.g. runs/ml/last.ckpt")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in the output folder")
+    p.set_defaults(func=_cmd_export)

@@ -1,0 +1,207 @@
+"""Checkpoints: atomic writes, safe loading, random-number-generator states and weight files.
+
+Checkpoints are read with ``torch.load(weights_only=True)``, so they hold only tensors, numbers, strings, ``None``
+and lists / dicts of those; :func:`capture_rng_state` converts the numpy and Python generator states accordingly.
+
+Example:
+    >>> save_checkpoint({"step": 10, "rng": capture_rng_state(), "model": model.state_dict()}, "run/last.ckpt")
+    >>> state = load_checkpoint("run/last.ckpt")
+    >>> restore_rng_state(state["rng"])
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from decon_med.errors import DataError
+
+#: Entries of a checkpoint dict that may hold the network's state dict, tried in order by :func:`load_state_file`.
+STATE_KEYS: tuple[str, ...] = ("network", "state_dict", "model")
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``state`` with ``torch.save`` atomically: a crash mid-write leaves any previous file intact.
+
+    The data goes to ``<path>.tmp`` in the same folder, is flushed and fsynced, then renamed over ``path``.
+
+    Example:
+        >>> save_checkpoint({"step": 3}, "run/last.ckpt")
+        PosixPath('run/last.ckpt')
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Atomically make ``dst`` a copy of the finished file ``src`` (a hard link where the file system allows).
+
+    Replacing ``dst`` later never changes ``src``: the rename swaps the directory entry, not the file.
+    """
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dst.parent)
+    return dst
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` onto the CPU (``weights_only=True``).
+
+    Raises:
+        DataError: the file is missing, truncated, or holds something other than plain data and tensors.
+
+    Example:
+        >>> load_checkpoint("run/last.ckpt")["step"]
+        3
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated / foreign files
+        raise DataError(path, f"not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict):
+        raise DataError(path, f"not a checkpoint: holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a torch file (``.pth``, ``.pt``, ``.ckpt``, ...).
+
+    A torch file may hold the state dict itself, a checkpoint dict with a ``network``, ``state_dict`` or
+    ``model`` entry, or a pre-training checkpoint of this package, whose student network (the method state's
+    ``network.*`` entries) is returned.
+
+    Raises:
+        DataError: the file is missing, unreadable or holds no state dict (the message names the file).
+
+    Example:
+        >>> sd = load_state_file("weights/encoder.safetensors")
+        >>> model.load_state_dict(sd, strict=False)
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:
+            raise DataError(path, f"not a readable safetensors file ({exc})") from exc
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DataError(path, f"not a readable weights file ({type(exc).__name__}: {exc})") from exc
+    state = _find_state_dict(obj)
+    if state is None:
+        raise DataError(
+            path, "holds no state dict (expected tensors, or a 'network'/'state_dict'/'model' entry)"
+        )
+    return state
+
+
+def _find_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
+    if not isinstance(obj, dict):
+        return None
+    for key in STATE_KEYS:
+        if isinstance(obj.get(key), dict):
+            return _find_state_dict(obj[key])
+    if isinstance(obj.get("method"), dict):
+        network = {
+            k.removeprefix("network."): v for k, v in obj["method"].items() if k.startswith("network.")
+        }
+        return network or None
+    if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return dict(obj)
+    return None
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The states of the torch (CPU and every CUDA device), numpy and Python generators, as plain data.
+
+    Example:
+        >>> state = capture_rng_state(); a = torch.rand(1)
+        >>> restore_rng_state(state); torch.equal(a, torch.rand(1))
+        True
+    """
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {"version": int(version), "state": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set every generator captured by :func:`capture_rng_state` back to that state.
+
+    CUDA states are restored when CUDA is available and the saved number of devices matches.
+    """
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["kind"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    py_state = state["python"]
+    random.setstate((py_state["version"], tuple(py_state["state"]), py_state["gauss_next"]))
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,596 @@
+"""The method-agnostic pre-training loop: data, optimisation, logging, checkpoints and bit-exact resume.
+
+A run folder (``cfg.out_dir``) holds::
+
+    config.yaml        the resolved config
+    metrics.csv        one row per log step: step, epoch, loss parts, after-step scalars, lr, img_s
+    tb/                TensorBoard events with the same scalars
+    checkpoints/       step_0001000.ckpt every train.ckpt_every optimiser steps
+    last.ckpt          the newest checkpoint (written with every numbered one and at the end)
+    done.json          final step, wall time and throughput, once the run has finished
+
+The engine knows nothing about the method: it calls ``forward(batch)``, ``after_step(step, total_steps)``,
+``trainable_parameters()`` and ``state_dict()`` (see :class:`decon_med.ssl.base.SSLMethod`). ``after_step`` gets
+the 0-based index of the optimiser step just taken (0 after the first step, as DINO / SlotCon index their
+schedules); checkpoints, metrics and ``max_steps`` count completed steps (1 after the first step).
+
+Resuming is bit-exact on CPU: the shuffle order of an epoch depends only on (seed, epoch), augmentations only on
+(seed, epoch, sample id), DataLoaders use their own generators, and the global generators (dropout) are saved in
+every checkpoint. A run resumed from step k ends with exactly the parameters of an uninterrupted run.
+
+Example:
+    >>> cfg = load_config("configs/pretrain/decon_ml.yaml", ["data.root=/data/scans", "out_dir=runs/ml"])
+    >>> run = pretrain(cfg)                       # later: pretrain(cfg, resume=True) after an interruption
+    >>> sorted(p.name for p in run.iterdir())
+    ['checkpoints', 'config.yaml', 'done.json', 'last.ckpt', 'metrics.csv', 'tb']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from monai.data import DataLoader
+from torch import nn
+from tqdm.auto import tqdm
+
+from decon_med.config import PretrainConfig, save_config, to_dict
+from decon_med.data.datasets import build_dataset, set_epoch
+from decon_med.engine.checkpoint import (
+    capture_rng_state,
+    copy_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from decon_med.engine.optim import build_optimizer, cosine_schedule, scaled_lr
+from decon_med.errors import DeconError
+
+if TYPE_CHECKING:
+    from decon_med.ssl.base import SSLMethod
+
+#: Config keys that may differ when a run is resumed (they do not change what is computed).
+RESUMABLE_KEYS: tuple[str, ...] = ("train.epochs", "out_dir", "data.num_workers")
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of a run folder.
+
+    Example:
+        >>> RunPaths(Path("runs/ml")).step_checkpoint(1000)
+        PosixPath('runs/ml/checkpoints/step_0001000.ckpt')
+    """
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def tb(self) -> Path:
+        return self.root / "tb"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def last(self) -> Path:
+        return self.root / "last.ckpt"
+
+    @property
+    def done(self) -> Path:
+        return self.root / "done.json"
+
+    def step_checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step_{step:07d}.ckpt"
+
+    def looks_like_run(self) -> bool:
+        """True when the folder holds any file a run writes."""
+        return any(p.exists() for p in (self.config, self.metrics, self.last, self.done, self.checkpoints))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Step counts of a run.
+
+    Attributes:
+        steps_per_epoch: optimiser steps per epoch (``len(dataset) // batch_size``).
+        total_steps: length of the schedules, ``epochs * steps_per_epoch``.
+        stop_step: the run stops after this many optimiser steps (``total_steps`` unless ``max_steps`` is less).
+        micro_batch: images per forward pass (``batch_size // accum_steps``).
+    """
+
+    steps_per_epoch: int
+    total_steps: int
+    stop_step: int
+    micro_batch: int
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    method: SSLMethod | None = None,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> Path:
+    """Pre-train ``method`` (default ``decon_med.ssl.build_method(cfg)``) on the training images of ``cfg``.
+
+    Args:
+        cfg: resolved pre-training config; the run folder is ``cfg.out_dir``.
+        resume: continue the run in ``cfg.out_dir`` from its ``last.ckpt`` (``train.epochs`` may be extended).
+        overwrite: delete the run already in ``cfg.out_dir`` first.
+        method: a ready-built method; ``None`` builds the one named by ``cfg.ssl.method``.
+        progress: show a progress bar.
+        max_steps: stop after this many optimiser steps in total (the schedules still span ``train.epochs``);
+            the run stays unfinished and can be resumed.
+
+    Returns:
+        The run folder.
+
+    Raises:
+        DeconError: the folder holds a run and neither ``resume`` nor ``overwrite`` was given, the resumed config
+            differs, the dataset is smaller than one batch, or the loss became non-finite.
+
+    Example:
+        >>> pretrain(load_config("configs/pretrain/slotcon.yaml", ["out_dir=runs/s"]), max_steps=100)
+        PosixPath('runs/s')
+    """
+    paths = RunPaths(Path(cfg.out_dir))
+    checkpoint = prepare_run_folder(paths, cfg, resume=resume, overwrite=overwrite)
+    dataset = build_dataset(cfg, "train", "pretrain")
+    plan = make_plan(cfg, len(dataset), max_steps)
+    if checkpoint is None:
+        seed_everything(cfg.seed)
+    if method is None:
+        from decon_med.ssl import build_method
+
+        method = build_method(cfg)
+    run = _Run(cfg, paths, plan, dataset, method, checkpoint)
+    save_config(cfg, paths.config)
+    run.train(progress)
+    return paths.root
+
+
+def prepare_run_folder(
+    paths: RunPaths, cfg: PretrainConfig, resume: bool, overwrite: bool
+) -> dict[str, Any] | None:
+    """Check what ``paths.root`` holds against the flags; returns the checkpoint to resume from, if any.
+
+    Raises:
+        DeconError: see :func:`pretrain`.
+    """
+    root = paths.root
+    if resume and overwrite:
+        raise DeconError("pass either --resume or --overwrite, not both")
+    if root.exists() and not root.is_dir():
+        raise DeconError(f"{root}: exists and is not a folder")
+    occupied = root.is_dir() and any(root.iterdir())
+    if occupied and not paths.looks_like_run():
+        raise DeconError(f"{root}: folder is not empty and holds no run; choose another out_dir")
+    if overwrite:
+        if occupied:
+            _empty_folder(root)
+        return None
+    if resume:
+        if not paths.last.is_file():
+            raise DeconError(f"{root}: no last.ckpt to resume from")
+        checkpoint = load_checkpoint(paths.last)
+        check_resumable(checkpoint["config"], to_dict(cfg), root)
+        return checkpoint
+    if paths.done.is_file():
+        raise DeconError(f"{root}: finished run exists; pass --overwrite to replace it")
+    if occupied:
+        raise DeconError(
+            f"{root}: unfinished run exists; pass --resume to continue it or --overwrite to replace it"
+        )
+    return None
+
+
+def check_resumable(saved: dict[str, Any], new: dict[str, Any], root: Path) -> None:
+    """Raise a DeconError naming every config key that differs (except :data:`RESUMABLE_KEYS`).
+
+    ``train.epochs`` may only grow.
+    """
+    old_flat, new_flat = _flatten(saved), _flatten(new)
+    differing = sorted(
+        key
+        for key in old_flat.keys() | new_flat.keys()
+        if key not in RESUMABLE_KEYS and old_flat.get(key) != new_flat.get(key)
+    )
+    if differing:
+        details = ", ".join(f"{k} ({old_flat.get(k)!r} -> {new_flat.get(k)!r})" for k in differing)
+        raise DeconError(f"{root}: cannot resume, the config differs from the saved run in {details}")
+    old_epochs, new_epochs = old_flat["train.epochs"], new_flat["train.epochs"]
+    if new_epochs < old_epochs:
+        raise DeconError(
+            f"{root}: cannot resume, train.epochs may only be extended (saved {old_epochs}, given {new_epochs})"
+        )
+
+
+def make_plan(cfg: PretrainConfig, dataset_size: int, max_steps: int | None = None) -> Plan:
+    """Step counts of a run over ``dataset_size`` images (whole batches only)."""
+    train = cfg.train
+    steps_per_epoch = dataset_size // train.batch_size
+    if steps_per_epoch == 0:
+        raise DeconError(
+            f"{cfg.data.root}: the training set has {dataset_size} images, fewer than one batch "
+            f"(train.batch_size={train.batch_size})"
+        )
+    total = train.epochs * steps_per_epoch
+    stop = total if max_steps is None else min(total, max_steps)
+    return Plan(steps_per_epoch, total, stop, train.batch_size // train.accum_steps)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the torch, numpy and Python global generators."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def epoch_order(seed: int, epoch: int, size: int) -> list[int]:
+    """The shuffled sample order of one epoch; it depends only on (seed, epoch)."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch))).tolist()
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+class _Run:
+    """One training session of a run folder: builds the optimiser, restores a checkpoint, runs the steps."""
+
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        paths: RunPaths,
+        plan: Plan,
+        dataset,
+        method: SSLMethod,
+        checkpoint: dict[str, Any] | None,
+    ):
+        self.cfg, self.paths, self.plan, self.dataset = cfg, paths, plan, dataset
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        train = cfg.train
+        self.method = method.to(self.device)
+        if train.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        self.method.train()
+        base_lr = scaled_lr(train.lr, train.batch_size, world_size=1)
+        self.lr_schedule = cosine_schedule(
+            base_lr, train.min_lr, plan.total_steps, round(train.warmup_epochs * plan.steps_per_epoch)
+        )
+        self.params = [p for _, p in method.trainable_parameters()]
+        self.optimizer = build_optimizer(train, method.trainable_parameters(), base_lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.amp == "fp16")
+        self.step = 0
+        self.elapsed = 0.0
+        self.metrics_rows = 0
+        self.rng_state: dict[str, Any] | None = None
+        if checkpoint is not None:
+            self._load(checkpoint)
+        self.saved_step = self.step if checkpoint is not None else -1
+        # First optimiser step whose loss was not finite (-1: none); updated on the device, read at log steps.
+        self.bad_step = torch.tensor(-1, device=self.device)
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def _load(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("steps_per_epoch", self.plan.steps_per_epoch) != self.plan.steps_per_epoch:
+            raise DeconError(
+                f"{self.paths.root}: cannot resume, the training set changed size "
+                f"({checkpoint['steps_per_epoch']} steps per epoch saved, {self.plan.steps_per_epoch} now)"
+            )
+        self.method.load_state_dict(checkpoint["method"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.step = int(checkpoint["step"])
+        self.elapsed = float(checkpoint.get("elapsed_s", 0.0))
+        self.metrics_rows = int(checkpoint.get("metrics_rows", 0))
+        self.rng_state = checkpoint["rng"]
+
+    def _state(self) -> dict[str, Any]:
+        epoch, batch_in_epoch = divmod(self.step, self.plan.steps_per_epoch)
+        return {
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "step": self.step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "steps_per_epoch": self.plan.steps_per_epoch,
+            "rng": capture_rng_state(),
+            "config": to_dict(self.cfg),
+            "network_meta": network_meta(self.cfg, self.method.network),
+            "metrics_rows": self.metrics_rows,
+            "elapsed_s": self.elapsed,
+        }
+
+    def _save(self, numbered: bool) -> None:
+        """Write ``last.ckpt`` (and the numbered checkpoint); never from a non-finite state."""
+        self._check_finite()
+        state = self._state()
+        if numbered:
+            path = save_checkpoint(state, self.paths.step_checkpoint(self.step))
+            copy_checkpoint(path, self.paths.last)
+        else:
+            save_checkpoint(state, self.paths.last)
+        self.saved_step = self.step
+
+    def _check_finite(self) -> None:
+        bad = int(self.bad_step.item())
+        if bad >= 0:
+            last = self.paths.last if self.paths.last.is_file() else "none (no checkpoint was written)"
+            raise DeconError(f"non-finite loss at step {bad}; the last good checkpoint is {last}")
+
+    # -- data ----------------------------------------------------------------------------------------------------
+    def _micro_batches(self) -> Iterator[dict]:
+        """Micro-batches from the current step on, epoch after epoch (skipped images are never loaded)."""
+        epoch, batch_in_epoch = divmod(self.step, self.plan.steps_per_epoch)
+        while True:
+            yield from self._epoch_loader(epoch, batch_in_epoch)
+            epoch, batch_in_epoch = epoch + 1, 0
+
+    def _epoch_loader(self, epoch: int, batch_in_epoch: int):
+        batch_size = self.cfg.train.batch_size
+        set_epoch(self.dataset, epoch)
+        order = epoch_order(self.cfg.seed, epoch, len(self.dataset))
+        indices = order[batch_in_epoch * batch_size : self.plan.steps_per_epoch * batch_size]
+        return DataLoader(
+            self.dataset,
+            batch_size=self.plan.micro_batch,
+            sampler=indices,
+            shuffle=False,
+            drop_last=True,
+            num_workers=self.cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch)),
+        )
+
+    def _to_device(self, batch: dict) -> dict:
+        out = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device, non_blocking=True)
+                if self.cfg.train.channels_last and value.ndim == 4:
+                    value = value.contiguous(memory_format=torch.channels_last)
+            out[key] = value
+        return out
+
+    # -- one optimiser step --------------------------------------------------------------------------------------
+    def _autocast(self):
+        amp = self.cfg.train.amp
+        if amp == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=_AMP_DTYPES[amp])
+
+    def _optimizer_step(self, batches: Iterator[dict]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Forward / backward over ``accum_steps`` micro-batches, then clip, step and ``after_step``.
+
+        Returns the step's loss parts (means over the micro-batches, still on the device) and after_step's dict.
+        """
+        train = self.cfg.train
+        parts: dict[str, torch.Tensor] = {}
+        for _ in range(train.accum_steps):
+            batch = self._to_device(next(batches))
+            with self._autocast():
+                out = self.method(batch)
+            self.scaler.scale(out["loss"] / train.accum_steps).backward()
+            for key, value in out.items():
+                share = value.detach().float() / train.accum_steps
+                parts[key] = parts[key] + share if key in parts else share
+        lr = float(self.lr_schedule[self.step])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        if train.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.params, train.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        extra = self.method.after_step(self.step, self.plan.total_steps)
+        self.step += 1
+        finite = torch.isfinite(parts["loss"])
+        self.bad_step = torch.where((self.bad_step < 0) & ~finite, self.step, self.bad_step)
+        return parts, {**(extra or {}), "lr": lr}
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def train(self, progress: bool) -> None:
+        """Run up to ``plan.stop_step``; write ``done.json`` once the whole schedule is done."""
+        if self.step < self.plan.stop_step:
+            self.paths.done.unlink(missing_ok=True)
+            self._run_steps(progress)
+        if self.step >= self.plan.total_steps:
+            self._finish()
+
+    def _run_steps(self, progress: bool) -> None:
+        plan, train = self.plan, self.cfg.train
+        logger = MetricsLogger(self.paths, resumed_step=self.step if self.saved_step >= 0 else None)
+        bar = tqdm(
+            total=plan.stop_step, initial=self.step, disable=not progress, unit="step", dynamic_ncols=True
+        )
+        batches = self._micro_batches()
+        if self.rng_state is not None:
+            restore_rng_state(self.rng_state)
+        meter = _IntervalMeter(self.step)
+        session_start, elapsed_before = time.perf_counter(), self.elapsed
+        try:
+            while self.step < plan.stop_step:
+                parts, extra = self._optimizer_step(batches)
+                meter.add(parts)
+                bar.update(1)
+                if self.step % train.log_every == 0 or self.step == plan.total_steps:
+                    self._check_finite()
+                    row = self._log_row(meter, extra)
+                    logger.write(row)
+                    self.metrics_rows = logger.rows
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_s']:.1f}")
+                self.elapsed = elapsed_before + time.perf_counter() - session_start
+                if self.step % train.ckpt_every == 0:
+                    self._save(numbered=True)
+            if self.saved_step != self.step:
+                self._save(numbered=False)
+        finally:
+            batches.close()
+            bar.close()
+            logger.close()
+
+    def _log_row(self, meter: _IntervalMeter, extra: dict[str, Any]) -> dict[str, float]:
+        epoch = (self.step - 1) // self.plan.steps_per_epoch
+        means, steps, seconds = meter.collect(self.step)
+        means = {"loss": means.pop("loss"), **means}
+        img_s = steps * self.cfg.train.batch_size / max(seconds, 1e-9)
+        scalars = {key: float(value) for key, value in extra.items()}
+        return {"step": self.step, "epoch": epoch, **means, **scalars, "img_s": img_s}
+
+    def _finish(self) -> None:
+        images = self.step * self.cfg.train.batch_size
+        done = {
+            "step": self.step,
+            "epochs": self.cfg.train.epochs,
+            "images": images,
+            "wall_time_s": round(self.elapsed, 3),
+            "img_s": round(images / max(self.elapsed, 1e-9), 3),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        tmp = self.paths.done.with_name("done.json.tmp")
+        tmp.write_text(json.dumps(done, indent=1) + "\n")
+        tmp.replace(self.paths.done)
+
+
+class _IntervalMeter:
+    """Sums of the loss parts since the last log step, kept on the device until :meth:`collect`."""
+
+    def __init__(self, step: int):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.since_step = step
+        self.since_time = time.perf_counter()
+
+    def add(self, parts: dict[str, torch.Tensor]) -> None:
+        for key, value in parts.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.count += 1
+
+    def collect(self, step: int) -> tuple[dict[str, float], int, float]:
+        """Means since the last call (one host sync), steps and seconds elapsed; then start a new interval."""
+        keys = list(self.sums)
+        values = (torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)).tolist()
+        now = time.perf_counter()
+        result = (dict(zip(keys, values, strict=True)), step - self.since_step, now - self.since_time)
+        self.sums, self.count, self.since_step, self.since_time = {}, 0, step, now
+        return result
+
+
+class MetricsLogger:
+    """Appends rows to ``metrics.csv`` (columns fixed by the first row) and scalars to TensorBoard.
+
+    On resume, rows past the resumed step are dropped and TensorBoard events past it are purged.
+
+    Example:
+        >>> log = MetricsLogger(RunPaths(Path("runs/x")), resumed_step=None)
+        >>> log.write({"step": 10, "epoch": 0, "loss": 1.5, "lr": 0.1, "img_s": 80.0}); log.close()
+    """
+
+    def __init__(self, paths: RunPaths, resumed_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = paths.metrics
+        self.columns: list[str] | None = None
+        self.rows = 0
+        if resumed_step is not None and self.path.is_file():
+            self.columns, self.rows = _truncate_csv(self.path, resumed_step)
+        elif self.path.exists():
+            self.path.unlink()
+        self.file = open(self.path, "a", newline="")
+        self.writer: csv.DictWriter | None = None
+        if self.columns:
+            self.writer = csv.DictWriter(self.file, self.columns, extrasaction="ignore")
+        purge = resumed_step + 1 if resumed_step is not None else None
+        self.tb = SummaryWriter(log_dir=str(paths.tb), purge_step=purge)
+
+    def write(self, row: dict[str, float]) -> None:
+        """One CSV row and one TensorBoard scalar per column (except step and epoch)."""
+        if self.writer is None:
+            self.columns = list(row)
+            self.writer = csv.DictWriter(self.file, self.columns, extrasaction="ignore")
+            self.writer.writeheader()
+        self.writer.writerow(row)
+        self.file.flush()
+        self.rows += 1
+        for key, value in row.items():
+            if key != "step":
+                self.tb.add_scalar(key, value, int(row["step"]))
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+def _truncate_csv(path: Path, last_step: int) -> tuple[list[str] | None, int]:
+    """Keep the rows of ``path`` with ``step <= last_step``; returns the header and the number of rows kept."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames
+        rows = [row for row in reader if row.get("step") and int(float(row["step"])) <= last_step]
+    if not columns:
+        path.unlink()
+        return None, 0
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    return list(columns), len(rows)
+
+
+def network_meta(cfg: PretrainConfig, network: nn.Module) -> dict[str, Any]:
+    """What is needed to rebuild the student network: arch, encoder, in_channels and classes."""
+    head = getattr(network, "segmentation_head", None)
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)] if head is not None else []
+    return {
+        "arch": cfg.model.arch,
+        "encoder": cfg.model.encoder,
+        "in_channels": cfg.data.in_channels,
+        "classes": convs[-1].out_channels if convs else 1,
+    }
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def _empty_folder(folder: Path) -> None:
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
