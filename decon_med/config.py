@@ -31,6 +31,8 @@ Transfer = Literal["random", "encoder", "encoder_decoder"]
 Optimizer = Literal["lars", "sgd", "adamw"]
 Amp = Literal["none", "bf16", "fp16"]
 Method = Literal["slotcon", "decon_sl", "decon_ml"]
+Loss = Literal["ce", "dice_ce"]
+Select = Literal["best", "last"]
 
 
 @dataclass
@@ -205,6 +207,9 @@ class TrainConfig:
         channels_last: use the channels-last memory format.
         ckpt_every: write a numbered checkpoint every this many optimiser steps (``last`` is always written).
         log_every: write a ``metrics.csv`` row and TensorBoard scalars every this many steps.
+        loss: fine-tuning loss: ``ce`` (cross-entropy) or ``dice_ce`` (MONAI DiceCE).
+        select: fine-tuning checkpoint evaluated on test: ``best`` (highest val mIoU) or ``last``.
+        poly_power: fine-tuning poly learning-rate decay power.
     """
 
     batch_size: int = 16
@@ -223,6 +228,9 @@ class TrainConfig:
     channels_last: bool = False
     ckpt_every: int = 1000
     log_every: int = 10
+    loss: Loss = "ce"
+    select: Select = "best"
+    poly_power: float = 0.9
 
     def validate(self) -> None:
         for key in ("batch_size", "epochs", "iters", "val_every", "accum_steps", "ckpt_every", "log_every"):
@@ -238,6 +246,7 @@ class TrainConfig:
         _check(0.0 <= self.momentum < 1.0, "train.momentum", "must be in [0, 1)")
         _check(self.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
         _check(self.clip_grad >= 0, "train.clip_grad", "must be >= 0 (0 = off)")
+        _check(self.poly_power > 0, "train.poly_power", "must be > 0")
 
 
 @dataclass
