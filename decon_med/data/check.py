@@ -18,10 +18,9 @@ import numpy as np
 from tqdm import tqdm
 
 from decon_med.config import Config
-from decon_med.data.io import read_image, read_mask
+from decon_med.data.datasets import read_pair
 from decon_med.data.layouts import LAYOUTS, SPLITS, Layout, get_layout, slice_options
 from decon_med.data.splits import split_fraction
-from decon_med.data.volumes import load_label_slice, load_slice
 from decon_med.errors import DataError
 
 
@@ -68,24 +67,10 @@ def _check_items(layout: Layout, items: list[dict], split: str, workers: int, pr
     opts = slice_options(layout.cfg)
 
     def check_one(item: dict) -> tuple[tuple[int, int], Counter | None]:
-        if "slice" in item:
-            image = load_slice(item, opts)
-        else:
-            image = read_image(item["image"], channels=opts.channels)
-        label_path = item.get("label")
-        if not label_path:
+        image, raw = read_pair(item, opts)
+        if raw is None:
             return image.shape[:2], None
-        if "slice" in item:
-            raw = load_label_slice(label_path, item["axis"], item["slice"])
-        else:
-            raw = read_mask(label_path)
-        if raw.shape != image.shape[:2]:
-            raise DataError(
-                label_path,
-                f"mask size {tuple(raw.shape)} differs from image size "
-                f"{tuple(image.shape[:2])} of {item['image']}",
-            )
-        layout.map_label(raw, label_path)
+        layout.map_label(raw, item["label"])
         values, counts = np.unique(raw, return_counts=True)
         return image.shape[:2], Counter(dict(zip(values.tolist(), counts.tolist(), strict=True)))
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 from typing import Literal
 
+import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset
 from monai.transforms import Compose, RandomizableTrait, Transform
@@ -53,25 +54,36 @@ class LoadSample(Transform):
         self.opts = opts
 
     def __call__(self, item: dict) -> dict:
-        if "slice" in item:
-            image = load_slice(item, self.opts)
-        else:
-            image = read_image(item["image"], channels=self.opts.channels)
+        image, raw = read_pair(item, self.opts)
         sample = {"image": image, "id": item["id"]}
-        label_path = item.get("label")
-        if label_path:
-            if "slice" in item:
-                raw = load_label_slice(label_path, item["axis"], item["slice"])
-            else:
-                raw = read_mask(label_path)
-            if raw.shape != image.shape[:2]:
-                raise DataError(
-                    label_path,
-                    f"mask size {tuple(raw.shape)} differs from image size "
-                    f"{tuple(image.shape[:2])} of {item['image']}",
-                )
-            sample["label"] = self.layout.map_label(raw, label_path)
+        if raw is not None:
+            sample["label"] = self.layout.map_label(raw, item["label"])
         return sample
+
+
+def read_pair(item: dict, opts: SliceOptions) -> tuple[np.ndarray, np.ndarray | None]:
+    """An item's image ``(H, W, C)`` in [0, 1] and its raw mask values ``(H, W)`` (``None`` without a mask).
+
+    Raises:
+        DataError: unreadable file, or a mask whose size differs from the image's.
+    """
+    if "slice" in item:
+        image = load_slice(item, opts)
+    else:
+        image = read_image(item["image"], channels=opts.channels)
+    label_path = item.get("label")
+    if not label_path:
+        return image, None
+    if "slice" in item:
+        raw = load_label_slice(label_path, item["axis"], item["slice"])
+    else:
+        raw = read_mask(label_path)
+    if raw.shape != image.shape[:2]:
+        raise DataError(
+            label_path,
+            f"mask size {tuple(raw.shape)} differs from image size {tuple(image.shape[:2])} of {item['image']}",
+        )
+    return image, raw
 
 
 class SampleSeeder(RandomizableTrait, Transform):

@@ -60,6 +60,11 @@ def _check_modality(modality: str, in_channels: int) -> None:
         raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
 
 
+def _check_crop_scale(crop_scale: Sequence[float]) -> None:
+    if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+        raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {tuple(crop_scale)}")
+
+
 def _resolve_normalisation(
     in_channels: int, modality: str, mean: Sequence[float] | None, std: Sequence[float] | None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -331,8 +336,7 @@ class TwoViewTransform(_RandomTransform):
     ):
         super().__init__(seed)
         self.mean, self.std = _resolve_normalisation(in_channels, modality, mean, std)
-        if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {tuple(crop_scale)}")
+        _check_crop_scale(crop_scale)
         if not 0 < ratio[0] <= ratio[1]:
             raise ValueError(f"ratio must satisfy 0 < low <= high, got {tuple(ratio)}")
         self.size = size
@@ -412,8 +416,7 @@ class SegTrainTransform(_RandomTransform):
     ):
         super().__init__(seed)
         self.mean, self.std = _resolve_normalisation(in_channels, modality, mean, std)
-        if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {tuple(crop_scale)}")
+        _check_crop_scale(crop_scale)
         self.size = size
         self.crop_scale = tuple(crop_scale)
         self.hflip = hflip
