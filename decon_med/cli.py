@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from decon_med import __version__
+from decon_med.cli_predict import add_commands as add_predict_commands
 from decon_med.cli_train import add_commands as add_train_commands
 from decon_med.errors import DeconError
 
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     add_train_commands(sub)
+    add_predict_commands(sub)
     return parser
 
 

@@ -271,7 +271,7 @@ def normalise_intensity(volume: np.ndarray, opts: SliceOptions) -> np.ndarray:
 
 
 # -- slicing ---------------------------------------------------------------------------------------------------
-def _slice_axis(shape: tuple[int, ...], axis: int) -> int:
+def slice_axis(shape: tuple[int, ...], axis: int) -> int:
     """The axis actually sliced: ``axis``, unless the volume is one slice thick along another axis."""
     if shape[axis] == 1 or 1 not in shape:
         return axis
@@ -292,7 +292,7 @@ def kept_slices(volume01: np.ndarray, opts: SliceOptions) -> list[int]:
         >>> kept_slices(normalise_intensity(volume, opts), opts)
         [3, 4, 5, 6]
     """
-    axis = _slice_axis(volume01.shape, opts.axis)
+    axis = slice_axis(volume01.shape, opts.axis)
     other = tuple(a for a in range(volume01.ndim) if a != axis)
     fraction = (volume01 > opts.foreground_threshold).mean(axis=other)
     return [int(k) for k in np.flatnonzero(fraction >= opts.min_foreground)]
@@ -317,7 +317,7 @@ def scan_volume(path: str | os.PathLike, opts: SliceOptions, id_prefix: str | No
     """
     volume = _volume(path)
     lo, hi = intensity_range(volume, opts)
-    axis = _slice_axis(volume.shape, opts.axis)
+    axis = slice_axis(volume.shape, opts.axis)
     keep = kept_slices(_rescale(volume, lo, hi), opts)
     prefix = nifti_stem(path) if id_prefix is None else id_prefix
     shape = tuple(int(s) for s in volume.shape)

@@ -1,0 +1,48 @@
+"""The ``predict`` sub-command of the ``decon-med`` command line.
+
+Example::
+
+    decon-med predict runs/finetune/isic data/new_images --out pred/isic --overlay
+    decon-med predict runs/finetune/brain/best.ckpt scans/sub-01_T1w.nii.gz --out pred/brain
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from decon_med.engine.predict import predict
+
+    summary = predict(
+        args.checkpoint,
+        args.input,
+        args.out,
+        overlay=args.overlay,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+    )
+    for skipped in summary["skipped"]:
+        print(f"warning: skipped {skipped['path']}: {skipped['reason']}", file=sys.stderr)
+    total = len(summary["predicted"]) + len(summary["skipped"])
+    print(f"predicted {len(summary['predicted'])} of {total} inputs into {summary['out']}")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``predict`` on the sub-command parsers of ``decon-med``.
+
+    Example:
+        >>> parser = argparse.ArgumentParser(); add_commands(parser.add_subparsers(dest="command"))
+    """
+    p = subparsers.add_parser("predict", help="segment images or NIfTI volumes with a fine-tuned model")
+    p.add_argument("checkpoint", help="fine-tuning run folder or .ckpt file")
+    p.add_argument("input", help="image, NIfTI volume, or folder searched recursively")
+    p.add_argument("--out", required=True, help="output folder (mirrors the input's sub-folders)")
+    p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png for 2D images")
+    p.add_argument("--batch-size", type=int, default=8, help="images or slices per forward pass")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_predict)
