@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from decon_med import __version__
+from decon_med.cli_experiment import add_commands as add_experiment_commands
+from decon_med.cli_finetune import add_commands as add_finetune_commands
 from decon_med.cli_predict import add_commands as add_predict_commands
 from decon_med.cli_train import add_commands as add_train_commands
 from decon_med.errors import DeconError
@@ -50,24 +51,9 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from decon_med.config import Config, DataConfig
-    from decon_med.data.check import check_dataset, format_summary
-    from decon_med.data.synthetic import synthesize
+    from decon_med.demo import run_demo
 
-    out = Path(args.out)
-    data_root = out / "data" / "isic2017"
-    start = time.time()
-    if data_root.exists() and any(data_root.iterdir()) and not args.overwrite:
-        print(f"using the synthetic data already in {data_root}")
-    else:
-        counts = synthesize("isic", data_root, n=args.n, seed=args.seed, overwrite=True)
-        print(
-            f"wrote synthetic ISIC 2017 data to {data_root}: "
-            + ", ".join(f"{k} {v}" for k, v in counts.items())
-        )
-    cfg = Config(data=DataConfig(name="isic2017", root=str(data_root), image_size=64, num_workers=0))
-    print(format_summary(check_dataset(cfg, progress=False)))
-    print(f"demo finished in {time.time() - start:.1f} s; data in {data_root}")
+    run_demo(Path(args.out), n=args.n, seed=args.seed, progress=not args.quiet)
     return 0
 
 
@@ -99,15 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_check_data)
 
-    p = sub.add_parser("demo", help="run the pipeline on tiny synthetic data")
+    p = sub.add_parser(
+        "demo",
+        help="synthetic data -> SlotCon / DeCon-ML pre-training -> low-label fine-tuning grid -> mIoU table",
+    )
     p.add_argument("--out", default="runs/demo", help="demo folder")
     p.add_argument("--n", type=int, default=24, help="number of synthetic training images")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="regenerate the synthetic data")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
     add_train_commands(sub)
+    add_finetune_commands(sub)
     add_predict_commands(sub)
+    add_experiment_commands(sub)
     return parser
 
 

@@ -15,7 +15,7 @@ from decon_med.config import (
 from decon_med.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_FILES = sorted((REPO / "configs").rglob("*.yaml"))
+CONFIG_FILES = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "experiment")
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPO)))

@@ -62,7 +62,8 @@ if TYPE_CHECKING:
 #: Config keys that may differ when a run is resumed (they do not change what is computed).
 RESUMABLE_KEYS: tuple[str, ...] = ("train.epochs", "out_dir", "data.num_workers")
 
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: Autocast dtype of each ``train.amp`` setting other than ``none``.
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -383,7 +384,7 @@ class _Run:
         amp = self.cfg.train.amp
         if amp == "none":
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=_AMP_DTYPES[amp])
+        return torch.autocast(device_type=self.device.type, dtype=AMP_DTYPES[amp])
 
     def _optimizer_step(self, batches: Iterator[dict]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Forward / backward over ``accum_steps`` micro-batches, then clip, step and ``after_step``.

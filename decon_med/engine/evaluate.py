@@ -1,0 +1,249 @@
+"""Evaluate a fine-tuned network on a whole split: mIoU, mDice, accuracy and optional prediction masks.
+
+Scores follow :mod:`decon_med.metrics` (one confusion matrix over every pixel of the split, background
+included) and are computed at the network input size: images and masks go through the evaluation transform
+(:class:`~decon_med.data.transforms.SegEvalTransform`, masks resized with nearest neighbour), the same view
+that validation during fine-tuning uses, so ``evaluate`` on a finished run reproduces its ``results.json``.
+Saved predictions are at the original image size: the logits are resized back bilinearly before the arg-max.
+
+Example:
+    >>> metrics = evaluate("runs/finetune/isic", split="test", save_predictions=True)
+    >>> round(metrics["mIoU"], 3)
+    0.812
+    >>> sorted(p.name for p in Path("runs/finetune/isic").glob("*_test*"))
+    ['metrics_test.json', 'predictions_test']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import DataLoader
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from decon_med.config import FinetuneConfig
+from decon_med.data.datasets import build_dataset
+from decon_med.data.layouts import get_layout
+from decon_med.engine.model_io import load_segmentation_model, resolve_checkpoint
+from decon_med.engine.pretrain import AMP_DTYPES
+from decon_med.errors import DeconError
+from decon_med.metrics import ConfusionMatrix
+
+SPLITS = ("train", "val", "test")
+
+
+def eval_batch_size(cfg: FinetuneConfig) -> int:
+    """Images per evaluation forward pass: the training micro-batch (fixed, so scores are reproducible)."""
+    return max(1, cfg.train.batch_size // cfg.train.accum_steps)
+
+
+def autocast(device: torch.device | str, amp: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``train.amp`` (``none``, ``bf16``, ``fp16``) on ``device``."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=AMP_DTYPES[amp])
+
+
+@torch.no_grad()
+def predict_logits(network: nn.Module, images: torch.Tensor, amp: str = "none") -> torch.Tensor:
+    """Float32 ``(B, C, H, W)`` logits of an eval-mode ``network`` for a normalised ``(B, C, H, W)`` batch.
+
+    Example:
+        >>> predict_logits(net.eval(), batch["image"], amp="bf16").argmax(1).shape
+        torch.Size([4, 224, 224])
+    """
+    with autocast(images.device, amp):
+        return network(images).float()
+
+
+def class_names(cfg: FinetuneConfig, classes: int) -> list[str]:
+    """``data.class_names``, else the layout's names when they fit ``classes``, else ``"0"``, ``"1"``, ..."""
+    names = cfg.data.class_names or list(get_layout(cfg.data).class_names)
+    return [str(n) for n in names] if len(names) == classes else [str(i) for i in range(classes)]
+
+
+def eval_loader(cfg: FinetuneConfig, split: str) -> DataLoader:
+    """Deterministic loader over a labelled split in ``eval`` mode (no shuffling, every image once)."""
+    dataset = build_dataset(cfg, split, "eval")
+    return DataLoader(
+        dataset,
+        batch_size=eval_batch_size(cfg),
+        shuffle=False,
+        num_workers=cfg.data.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        # a generator of its own, so evaluating never draws from the global generator
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def evaluate_network(
+    network: nn.Module,
+    cfg: FinetuneConfig,
+    split: str,
+    classes: int,
+    predictions: Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Scores of ``network`` over every image of ``split`` (see :func:`decon_med.metrics.segmentation_metrics`).
+
+    The network is evaluated in eval mode without gradients under ``train.amp`` autocast, on the device of its
+    parameters, and put back in its previous mode.
+
+    Args:
+        network: the segmentation network.
+        cfg: the fine-tuning config (data, image size, amp).
+        split: ``val``, ``test`` or ``train``.
+        classes: output classes of the network.
+        predictions: write one PNG of class indices per image here, at the original image size.
+        progress: show a progress bar.
+    """
+    device = next(network.parameters()).device
+    names = class_names(cfg, classes)
+    matrix = ConfusionMatrix(classes, ignore_index=255, device=device)
+    save = _prediction_writer(predictions) if predictions is not None else None
+    was_training = network.training
+    network.eval()
+    try:
+        for batch in tqdm(
+            eval_loader(cfg, split), disable=not progress, desc=split, unit="batch", leave=False
+        ):
+            images = batch["image"].to(device, non_blocking=True)
+            logits = predict_logits(network, images, cfg.train.amp)
+            matrix.update(logits, batch["label"].to(device, non_blocking=True))
+            if save is not None:
+                save(batch, logits)
+    finally:
+        network.train(was_training)
+    return matrix.compute(class_names=names)
+
+
+def evaluate(
+    path: str | Path,
+    split: str = "test",
+    save_predictions: bool = False,
+    out: str | Path | None = None,
+    progress: bool = True,
+    data_root: str | None = None,
+    num_workers: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate a fine-tuning run folder (its ``best.ckpt``, else ``last.ckpt``) or checkpoint on a split.
+
+    Prints a per-class table and writes ``metrics_<split>.json`` (and with ``save_predictions`` the folder
+    ``predictions_<split>/`` of ``<id>.png`` class-index masks at the original image sizes) next to the
+    checkpoint, or into ``out``.
+
+    Args:
+        path: run folder or ``.ckpt`` file written by ``decon-med finetune``.
+        split: ``val`` or ``test`` (``train`` works too).
+        save_predictions: also write the predicted masks.
+        out: output folder instead of the checkpoint's folder.
+        progress: show a progress bar.
+        data_root: read the data from here instead of the checkpoint config's ``data.root``.
+        num_workers: DataLoader workers instead of the config's ``data.num_workers``.
+
+    Returns:
+        The scores (``mIoU``, ``mDice``, ``aAcc``, ``mAcc``, per-class ``IoU`` / ``Dice`` / ``Acc``,
+        ``n_pixels``).
+
+    Raises:
+        DataError: the checkpoint or the data is missing or unreadable.
+        DeconError: unknown split.
+
+    Example:
+        >>> evaluate("runs/finetune/isic/best.ckpt", split="val", data_root="/data/isic2017")["mDice"]
+        0.873
+    """
+    if split not in SPLITS:
+        raise DeconError(f"unknown split '{split}'; expected one of {', '.join(SPLITS)}")
+    checkpoint = resolve_checkpoint(path)
+    network, cfg, state = load_segmentation_model(checkpoint)
+    if data_root is not None:
+        cfg.data.root = str(data_root)
+    if num_workers is not None:
+        cfg.data.num_workers = num_workers
+    network.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    folder = Path(out) if out is not None else checkpoint.parent
+    predictions = folder / f"predictions_{split}" if save_predictions else None
+    classes = int(state["network_meta"]["classes"])
+    metrics = evaluate_network(network, cfg, split, classes, predictions=predictions, progress=progress)
+    record = {
+        "checkpoint": str(checkpoint),
+        "split": split,
+        "iter": int(state.get("step", 0)),
+        "data_root": cfg.data.root,
+        **metrics,
+    }
+    write_json(folder / f"metrics_{split}.json", record)
+    print(f"{checkpoint} on {split} (iteration {record['iter']}):")
+    print(format_table(metrics))
+    return metrics
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """Per-class IoU / Dice / Acc in percent, then mIoU, mDice and aAcc.
+
+    Example:
+        >>> print(format_table(segmentation_metrics(np.array([[3, 1], [0, 4]]), ["bg", "lesion"])))
+        class        IoU    Dice     Acc
+        bg         75.00   85.71   75.00
+        lesion     80.00   88.89  100.00
+        mIoU 77.50  mDice 87.30  aAcc 87.50
+    """
+    names = list(metrics["IoU"])
+    width = max([len("class"), *(len(n) for n in names)]) + 2
+    lines = [f"{'class':<{width}}{'IoU':>8}{'Dice':>8}{'Acc':>8}"]
+    for name in names:
+        row = (_percent(metrics[key][name]) for key in ("IoU", "Dice", "Acc"))
+        lines.append(f"{name:<{width}}" + "".join(f"{value:>8}" for value in row))
+    lines.append(
+        f"mIoU {_percent(metrics['mIoU'])}  mDice {_percent(metrics['mDice'])}  aAcc {_percent(metrics['aAcc'])}"
+    )
+    return "\n".join(lines)
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` as indented JSON, atomically (NaN scores are written as ``NaN``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _percent(value: float) -> str:
+    return "nan" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+def _prediction_writer(folder: Path) -> Callable[[dict, torch.Tensor], None]:
+    """Writes each image's arg-max at its original size as ``<folder>/<id>.png`` (uint8 class indices)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def save(batch: dict, logits: torch.Tensor) -> None:
+        for index, (sample_id, size) in enumerate(zip(batch["id"], _orig_sizes(batch), strict=True)):
+            resized = F.interpolate(
+                logits[index : index + 1], size=size, mode="bilinear", align_corners=False
+            )
+            mask = resized.argmax(1)[0].to(torch.uint8).cpu().numpy()
+            name = str(sample_id).replace("/", "_").replace("\\", "_")
+            Image.fromarray(np.ascontiguousarray(mask)).save(folder / f"{name}.png")
+
+    return save
+
+
+def _orig_sizes(batch: dict) -> list[tuple[int, int]]:
+    """Per-sample ``(H, W)`` from the collated ``orig_size`` (two tensors of shape ``(B,)``, or a list of pairs)."""
+    sizes = batch["orig_size"]
+    if isinstance(sizes, (list, tuple)) and len(sizes) == 2 and isinstance(sizes[0], torch.Tensor):
+        return [(int(h), int(w)) for h, w in zip(sizes[0].tolist(), sizes[1].tolist(), strict=True)]
+    if isinstance(sizes, torch.Tensor):
+        return [(int(h), int(w)) for h, w in sizes.tolist()]
+    return [(int(h), int(w)) for h, w in sizes]

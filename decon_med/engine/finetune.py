@@ -1,0 +1,567 @@
+"""Fine-tuning on a label fraction: poly-decayed SGD for a fixed number of iterations, validation, test.
+
+A run folder (``cfg.out_dir``) holds::
+
+    config.yaml        the resolved config
+    train_ids.json     the training images used (seeded, nested across fractions, the same for every init)
+    init_report.json   which tensors were loaded from ``init`` and which are fresh
+    metrics.csv        one row per log step: step (iteration), epoch (passes over the subset), loss, lr, img_s
+    val.csv            one row per validation: iter, mIoU, mDice, aAcc and per-class IoU
+    tb/                TensorBoard events of both
+    checkpoints/       step_0000500.ckpt every train.ckpt_every iterations
+    last.ckpt          the newest state (written with every numbered checkpoint, every validation, and at the end)
+    best.ckpt          train.select=best: the weights with the highest val mIoU (the earliest on ties)
+    results.json       the selected checkpoint's val and test scores, once the run has finished
+    done.json          final iteration and wall time, once the run has finished
+
+Every checkpoint is a fine-tuning checkpoint of :mod:`decon_med.engine.model_io` (``load_segmentation_model``
+and ``decon-med evaluate`` read it); ``last.ckpt`` and the numbered ones also hold the training state.
+
+**Data.** The training images are ``split_fraction(train, fraction, seed)``. They are read as an endless stream
+of passes: pass ``p`` visits the subset in the order ``epoch_order(seed, p, n)`` with the augmentations of epoch
+``p``, and iteration ``i`` takes stream positions ``[i * batch_size, (i + 1) * batch_size)``. Batches are
+always full and may straddle two passes, so a subset smaller than a batch (5 % of a small dataset) simply
+repeats within a batch, each repeat differently augmented; every image is seen equally often.
+
+**Resume** is bit-exact on CPU, as for pre-training: the batch of an iteration depends only on (seed, iteration),
+and the optimiser, scaler, generator states, best score and last validation are in every checkpoint.
+
+Example:
+    >>> cfg = load_config("configs/finetune/isic.yaml", ["data.root=/data/isic2017", "init=weights/ml",
+    ...                    "transfer=encoder_decoder", "fraction=0.05", "out_dir=runs/ft/ml_5pc_s0"])
+    >>> run = finetune(cfg)                       # later: finetune(cfg, resume=True) after an interruption
+    >>> json.loads((run / "results.json").read_text())["test"]["mIoU"]
+    0.78
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import DataLoader
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from decon_med.config import FinetuneConfig, save_config
+from decon_med.data.datasets import build_dataset, set_epoch
+from decon_med.data.layouts import get_layout, num_classes
+from decon_med.data.splits import split_fraction, write_split
+from decon_med.engine.checkpoint import capture_rng_state, copy_checkpoint, restore_rng_state, save_checkpoint
+from decon_med.engine.evaluate import autocast, class_names, evaluate_network, write_json
+from decon_med.engine.model_io import load_segmentation_model, segmentation_state
+from decon_med.engine.optim import build_optimizer, poly_schedule
+from decon_med.engine.pretrain import (
+    MetricsLogger,
+    RunPaths,
+    epoch_order,
+    prepare_run_folder,
+    seed_everything,
+)
+from decon_med.engine.transfer import format_report, load_init
+from decon_med.errors import DeconError
+from decon_med.models.network import build_network
+
+#: Target value of pixels the cross-entropy loss and the metrics skip.
+IGNORE_INDEX = 255
+
+
+@dataclass(frozen=True)
+class FinetunePaths(RunPaths):
+    """The files of a fine-tuning run folder (those of :class:`RunPaths` plus the ones below).
+
+    Example:
+        >>> FinetunePaths(Path("runs/ft")).results
+        PosixPath('runs/ft/results.json')
+    """
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best.ckpt"
+
+    @property
+    def val_metrics(self) -> Path:
+        return self.root / "val.csv"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def init_report(self) -> Path:
+        return self.root / "init_report.json"
+
+    @property
+    def train_ids(self) -> Path:
+        return self.root / "train_ids.json"
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    max_iters: int | None = None,
+) -> Path:
+    """Fine-tune ``cfg.model`` initialised from ``cfg.init`` on a fraction of the training images, then test.
+
+    Args:
+        cfg: resolved fine-tuning config; the run folder is ``cfg.out_dir``.
+        resume: continue the run in ``cfg.out_dir`` from its ``last.ckpt``.
+        overwrite: delete the run already in ``cfg.out_dir`` first.
+        progress: show progress bars.
+        max_iters: stop after this many iterations in total (the schedule still spans ``train.iters``); the run
+            stays unfinished and can be resumed.
+
+    Returns:
+        The run folder.
+
+    Raises:
+        DeconError: the folder holds a run and neither ``resume`` nor ``overwrite`` was given, the resumed config
+            differs, ``init`` does not fit the network, a micro-batch has fewer than 2 images, or the loss became
+            non-finite (the last good checkpoint stays in place).
+
+    Example:
+        >>> finetune(load_config("configs/finetune/refuge.yaml", ["out_dir=runs/ft/r", "fraction=0.25"]))
+        PosixPath('runs/ft/r')
+    """
+    paths = FinetunePaths(Path(cfg.out_dir))
+    checkpoint = prepare_run_folder(paths, cfg, resume=resume, overwrite=overwrite)
+    _check_micro_batch(cfg)
+    all_train = get_layout(cfg.data).items("train")
+    subset = split_fraction(all_train, cfg.fraction, cfg.seed)
+    dataset = build_dataset(cfg, "train", "train", items=subset)
+    classes = num_classes(cfg.data)
+    network, report = _initial_network(cfg, classes, fresh=checkpoint is None)
+    run = _Run(cfg, paths, network, classes, dataset, checkpoint, max_iters)
+    save_config(cfg, paths.config)
+    write_split(subset, paths.train_ids, fraction=cfg.fraction, seed=cfg.seed, n_total=len(all_train))
+    if report is not None:
+        write_json(paths.init_report, report)
+        print(format_report(report))
+    run.train(progress)
+    return paths.root
+
+
+def _initial_network(cfg: FinetuneConfig, classes: int, fresh: bool) -> tuple[nn.Module, dict | None]:
+    """The network, seeded and initialised from ``cfg.init`` for a new run (a resumed one loads its checkpoint)."""
+    if not fresh:
+        return build_network(cfg.model, in_channels=cfg.data.in_channels, classes=classes), None
+    seed_everything(cfg.seed)
+    network = build_network(cfg.model, in_channels=cfg.data.in_channels, classes=classes)
+    report = load_init(
+        network,
+        cfg.init,
+        cfg.transfer,
+        arch=cfg.model.arch,
+        encoder=cfg.model.encoder,
+        in_channels=cfg.data.in_channels,
+    )
+    return network, report
+
+
+def validate(network: nn.Module, cfg: FinetuneConfig, classes: int) -> dict[str, Any]:
+    """Scores of ``network`` on the whole val split (the quantity best-checkpoint selection maximises)."""
+    return evaluate_network(network, cfg, "val", classes)
+
+
+def build_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss ``train.loss``: ``ce`` (cross-entropy, 255 ignored) or ``dice_ce`` (MONAI DiceCE on softmax).
+
+    It is called as ``loss(logits, labels)`` with ``(B, C, H, W)`` logits and ``(B, H, W)`` class indices.
+
+    Example:
+        >>> build_loss("dice_ce")(torch.zeros(2, 3, 8, 8), torch.zeros(2, 8, 8, dtype=torch.long)).shape
+        torch.Size([])
+    """
+    if name == "ce":
+        return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    if name == "dice_ce":
+        from monai.losses import DiceCELoss
+
+        dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+        return lambda logits, labels: dice_ce(logits, labels.unsqueeze(1))
+    raise ValueError(f"unknown loss '{name}'; expected ce or dice_ce")
+
+
+class PassStream(Dataset):
+    """Position ``s`` of the endless stream of seeded passes over ``dataset`` (see the module docstring).
+
+    Position ``s`` is image ``epoch_order(seed, p, n)[s % n]`` of pass ``p = s // n``, augmented as in epoch
+    ``p``; a sampler over ``range(start, stop)`` yields the stream from any point, e.g. after a resume.
+
+    Example:
+        >>> stream = PassStream(build_dataset(cfg, "train", "train", items=subset), seed=0)
+        >>> loader = DataLoader(stream, batch_size=4, sampler=range(8, 16))   # iterations 2 and 3
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.size = len(dataset)
+        self._order: tuple[int, list[int]] = (-1, [])
+
+    def __len__(self) -> int:
+        return self.size
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """``(pass, index into dataset)`` of a stream position."""
+        pass_index, offset = divmod(position, self.size)
+        if self._order[0] != pass_index:
+            self._order = (pass_index, epoch_order(self.seed, pass_index, self.size))
+        return pass_index, self._order[1][offset]
+
+    def __getitem__(self, position: int) -> dict:
+        pass_index, index = self.locate(position)
+        set_epoch(self.dataset, pass_index)
+        return self.dataset[index]
+
+
+def _check_micro_batch(cfg: FinetuneConfig) -> None:
+    micro = cfg.train.batch_size // cfg.train.accum_steps
+    if micro < 2:
+        raise DeconError(
+            f"train.batch_size / train.accum_steps = {micro} image per forward pass; BatchNorm needs at least 2 "
+            "(raise train.batch_size or lower train.accum_steps)"
+        )
+
+
+class _Run:
+    """One training session of a fine-tuning run folder: optimiser, checkpoint restore, iterations, test."""
+
+    def __init__(
+        self,
+        cfg: FinetuneConfig,
+        paths: FinetunePaths,
+        network: nn.Module,
+        classes: int,
+        dataset: Dataset,
+        checkpoint: dict[str, Any] | None,
+        max_iters: int | None,
+    ):
+        self.cfg, self.paths, self.classes, self.dataset = cfg, paths, classes, dataset
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        train = cfg.train
+        self.total = train.iters
+        self.stop = train.iters if max_iters is None else min(train.iters, max_iters)
+        self.network = network.to(self.device)
+        if train.channels_last:
+            self.network.to(memory_format=torch.channels_last)
+        self.network.train()
+        self.loss_fn = build_loss(train.loss)
+        self.lr_schedule = poly_schedule(train.lr, train.iters, power=train.poly_power)
+        self.params = [p for p in network.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(train, network.named_parameters(), train.lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.amp == "fp16")
+        self.step = 0
+        self.elapsed = 0.0
+        self.metrics_rows = 0
+        self.best: dict[str, Any] = {"iter": -1, "mIoU": None}
+        self.last_val: dict[str, Any] | None = None
+        self.rng_state: dict[str, Any] | None = None
+        if checkpoint is not None:
+            self._load(checkpoint)
+        self.saved_step = self.step if checkpoint is not None else -1
+        # First iteration whose loss was not finite (-1: none); updated on the device, read at log steps.
+        self.bad_step = torch.tensor(-1, device=self.device)
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def _load(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("n_train") != len(self.dataset):
+            raise DeconError(
+                f"{self.paths.root}: cannot resume, the training subset changed size "
+                f"({checkpoint.get('n_train')} images saved, {len(self.dataset)} now)"
+            )
+        self.network.load_state_dict(checkpoint["network"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.step = int(checkpoint["step"])
+        self.elapsed = float(checkpoint.get("elapsed_s", 0.0))
+        self.metrics_rows = int(checkpoint.get("metrics_rows", 0))
+        self.best = dict(checkpoint["best"])
+        self.last_val = checkpoint.get("val")
+        self.rng_state = checkpoint["rng"]
+
+    def _state(self) -> dict[str, Any]:
+        return segmentation_state(
+            self.network,
+            self.cfg,
+            self.classes,
+            step=self.step,
+            val=self.last_val,
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            rng=capture_rng_state(),
+            best=self.best,
+            n_train=len(self.dataset),
+            data_position=self.step * self.cfg.train.batch_size,
+            metrics_rows=self.metrics_rows,
+            elapsed_s=self.elapsed,
+        )
+
+    def _save(self, numbered: bool) -> None:
+        """Write ``last.ckpt`` (and the numbered checkpoint); never from a non-finite state."""
+        self._check_finite()
+        state = self._state()
+        if numbered:
+            path = save_checkpoint(state, self.paths.step_checkpoint(self.step))
+            copy_checkpoint(path, self.paths.last)
+        else:
+            save_checkpoint(state, self.paths.last)
+        self.saved_step = self.step
+
+    def _check_finite(self) -> None:
+        bad = int(self.bad_step.item())
+        if bad >= 0:
+            last = self.paths.last if self.paths.last.is_file() else "none (no checkpoint was written)"
+            raise DeconError(f"non-finite loss at iteration {bad}; the last good checkpoint is {last}")
+
+    # -- data ----------------------------------------------------------------------------------------------------
+    def _micro_batches(self) -> Iterator[dict]:
+        """Micro-batches from the current iteration up to the stop iteration."""
+        batch_size, seed = self.cfg.train.batch_size, self.cfg.seed
+        loader = DataLoader(
+            PassStream(self.dataset, seed),
+            batch_size=batch_size // self.cfg.train.accum_steps,
+            sampler=range(self.step * batch_size, self.stop * batch_size),
+            shuffle=False,
+            num_workers=self.cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        yield from loader
+
+    def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        images = batch["image"].to(self.device, non_blocking=True)
+        if self.cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, batch["label"].to(self.device, non_blocking=True).long()
+
+    # -- one iteration -------------------------------------------------------------------------------------------
+    def _optimizer_step(self, batches: Iterator[dict]) -> tuple[torch.Tensor, float]:
+        """Forward / backward over ``accum_steps`` micro-batches, then clip and step; returns (loss, lr)."""
+        train = self.cfg.train
+        total = torch.zeros((), device=self.device)
+        for _ in range(train.accum_steps):
+            images, labels = self._inputs(next(batches))
+            with autocast(self.device, train.amp):
+                logits = self.network(images)
+            loss = self.loss_fn(logits.float(), labels)
+            self.scaler.scale(loss / train.accum_steps).backward()
+            total = total + loss.detach() / train.accum_steps
+        lr = float(self.lr_schedule[self.step])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        if train.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.params, train.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(total), self.step, self.bad_step)
+        return total, lr
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def train(self, progress: bool) -> None:
+        """Run up to the stop iteration; test and write ``results.json`` / ``done.json`` once all are done."""
+        if self.step < self.stop:
+            self.paths.done.unlink(missing_ok=True)
+            self._run_iterations(progress)
+        if self.step >= self.total:
+            self._finish(progress)
+
+    def _run_iterations(self, progress: bool) -> None:
+        train = self.cfg.train
+        resumed = self.step if self.saved_step >= 0 else None
+        logger = MetricsLogger(self.paths, resumed_step=resumed)
+        val_log = _ValLog(self.paths.val_metrics, resumed_step=resumed)
+        bar = tqdm(total=self.stop, initial=self.step, disable=not progress, unit="it", dynamic_ncols=True)
+        batches = self._micro_batches()
+        if self.rng_state is not None:
+            restore_rng_state(self.rng_state)
+        meter = _LossMeter(self.step)
+        session_start, elapsed_before = time.perf_counter(), self.elapsed
+        try:
+            while self.step < self.stop:
+                loss, lr = self._optimizer_step(batches)
+                meter.add(loss)
+                bar.update(1)
+                if self.step % train.log_every == 0 or self.step == self.total:
+                    self._check_finite()
+                    row = self._log_row(meter, lr)
+                    logger.write(row)
+                    self.metrics_rows = logger.rows
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+                validated = self.step % train.val_every == 0 or self.step == self.total
+                if validated:
+                    self._validate(logger, val_log)
+                    meter.restart_clock()
+                self.elapsed = elapsed_before + time.perf_counter() - session_start
+                if self.step % train.ckpt_every == 0:
+                    self._save(numbered=True)
+                elif validated:
+                    self._save(numbered=False)
+            if self.saved_step != self.step:
+                self._save(numbered=False)
+        finally:
+            batches.close()
+            bar.close()
+            logger.close()
+
+    def _log_row(self, meter: _LossMeter, lr: float) -> dict[str, float]:
+        loss, steps, seconds = meter.collect(self.step)
+        batch_size = self.cfg.train.batch_size
+        return {
+            "step": self.step,
+            "epoch": round(self.step * batch_size / len(self.dataset), 4),
+            "loss": loss,
+            "lr": lr,
+            "img_s": steps * batch_size / max(seconds, 1e-9),
+        }
+
+    def _validate(self, logger: MetricsLogger, val_log: _ValLog) -> None:
+        """Score the val split; keep ``best.ckpt`` when it is the best so far (strictly: ties keep the earlier)."""
+        self._check_finite()
+        metrics = validate(self.network, self.cfg, self.classes)
+        self.last_val = {"iter": self.step, "metrics": metrics}
+        val_log.write(self.step, metrics)
+        for key in ("mIoU", "mDice"):
+            logger.tb.add_scalar(f"val/{key}", metrics[key], self.step)
+        for name, value in metrics["IoU"].items():
+            logger.tb.add_scalar(f"val/IoU_{name}", value, self.step)
+        score = _score(metrics["mIoU"])
+        if self.best["iter"] < 0 or score > _score(self.best["mIoU"]):
+            self.best = {"iter": self.step, "mIoU": metrics["mIoU"]}
+            if self.cfg.train.select == "best":
+                state = segmentation_state(
+                    self.network, self.cfg, self.classes, step=self.step, val=self.last_val
+                )
+                save_checkpoint(state, self.paths.best)
+
+    # -- the end -------------------------------------------------------------------------------------------------
+    def selected_checkpoint(self) -> Path:
+        """``best.ckpt`` for ``train.select=best`` (when written), else ``last.ckpt``."""
+        if self.cfg.train.select == "best" and self.paths.best.is_file():
+            return self.paths.best
+        return self.paths.last
+
+    def _finish(self, progress: bool) -> None:
+        """Evaluate the selected checkpoint on the test split; write ``results.json`` and ``done.json``."""
+        start = time.perf_counter()
+        selected = self.selected_checkpoint()
+        network, _, state = load_segmentation_model(selected)
+        network.to(self.device)
+        test = evaluate_network(network, self.cfg, "test", self.classes, progress=progress)
+        wall_time = self.elapsed + time.perf_counter() - start
+        val = state.get("val") or {}
+        results = {
+            "dataset": self.cfg.data.name,
+            "init": self.cfg.init,
+            "transfer": self.cfg.transfer,
+            "fraction": self.cfg.fraction,
+            "seed": self.cfg.seed,
+            "n_train": len(self.dataset),
+            "select": self.cfg.train.select,
+            "selected_iter": int(state["step"]),
+            "checkpoint": selected.name,
+            "val": val.get("metrics"),
+            "test": test,
+            "wall_time_s": round(wall_time, 3),
+            "class_names": class_names(self.cfg, self.classes),
+        }
+        write_json(self.paths.results, results)
+        done = {
+            "step": self.step,
+            "iters": self.total,
+            "wall_time_s": round(wall_time, 3),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        write_json(self.paths.done, done)
+
+
+def _score(miou: float | None) -> float:
+    """mIoU as a comparable number (NaN / missing rank lowest)."""
+    return miou if miou is not None and math.isfinite(miou) else -math.inf
+
+
+class _LossMeter:
+    """Sum of the iteration losses since the last log step, kept on the device until :meth:`collect`."""
+
+    def __init__(self, step: int):
+        self.total: torch.Tensor | None = None
+        self.count = 0
+        self.since_step = step
+        self.since_time = time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total = loss if self.total is None else self.total + loss
+        self.count += 1
+
+    def restart_clock(self) -> None:
+        """Leave the time just spent (validation) out of the next throughput figure."""
+        self.since_time = time.perf_counter()
+
+    def collect(self, step: int) -> tuple[float, int, float]:
+        """Mean loss since the last call (one host sync), iterations and seconds; then start a new interval."""
+        mean = float(self.total) / max(self.count, 1) if self.total is not None else math.nan
+        now = time.perf_counter()
+        result = (mean, step - self.since_step, now - self.since_time)
+        self.total, self.count, self.since_step, self.since_time = None, 0, step, now
+        return result
+
+
+class _ValLog:
+    """``val.csv``: one row per validation (iter, mIoU, mDice, aAcc, IoU_<class>); on resume, later rows go."""
+
+    def __init__(self, path: Path, resumed_step: int | None):
+        self.path = path
+        rows: list[dict[str, str]] = []
+        if resumed_step is not None and path.is_file():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("iter") and int(r["iter"]) <= resumed_step]
+        self.columns: list[str] | None = list(rows[0]) if rows else None
+        self._write_all(rows)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {
+            "iter": step,
+            "mIoU": metrics["mIoU"],
+            "mDice": metrics["mDice"],
+            "aAcc": metrics["aAcc"],
+            **{f"IoU_{name}": value for name, value in metrics["IoU"].items()},
+        }
+        new = self.columns is None
+        if new:
+            self.columns = list(row)
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def _write_all(self, rows: list[dict[str, str]]) -> None:
+        if not rows:
+            self.path.unlink(missing_ok=True)
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(self.path)
+
+
+def read_results(run: str | Path) -> dict[str, Any]:
+    """The ``results.json`` of a finished run folder."""
+    return json.loads((Path(run) / "results.json").read_text())

@@ -1,0 +1,407 @@
+"""Experiment grids: expansion, dry run, resume, result tables, paired comparison, failures, shipped configs.
+
+A fake runner stands in for fine-tuning: it writes ``results.json`` + ``done.json`` with metrics derived from the
+init, transfer, fraction and seed, so every table value can be computed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from decon_med.cli_experiment import add_commands
+from decon_med.errors import ConfigError
+from decon_med.experiment import (
+    PAPER_TABLE7,
+    GridError,
+    bootstrap_ci,
+    expand_grid,
+    load_experiment,
+    paired_differences,
+    run_experiment,
+    run_name,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["background", "lesion"]
+BONUS = {"slotcon": 0.03, "decon_ml": 0.05}
+
+
+def fake_miou(init: str | None, transfer: str, fraction: float, seed: int) -> float:
+    """random: 0.60 + 0.1 f + 0.01 s; pre-trained inits add a bonus, +0.005 s and +0.01 for encoder_decoder."""
+    value = 0.60 + 0.1 * fraction + 0.01 * seed
+    if init is not None:
+        value += BONUS[Path(init).name] + 0.005 * seed + (0.01 if transfer == "encoder_decoder" else 0.0)
+    return value
+
+
+class FakeRunner:
+    """Writes a finished run folder; records every call; fails for the run names in ``fail``."""
+
+    def __init__(self, fail: tuple[str, ...] = ()):
+        self.calls: list[tuple[str, bool, bool]] = []
+        self.fail = fail
+
+    def __call__(self, cfg, resume: bool = False, overwrite: bool = False) -> Path:
+        run = Path(cfg.out_dir)
+        self.calls.append((run.name, resume, overwrite))
+        if run.name in self.fail:
+            raise RuntimeError("simulated out-of-memory")
+        run.mkdir(parents=True, exist_ok=True)
+        miou = fake_miou(cfg.init, cfg.transfer, cfg.fraction, cfg.seed)
+        test = {
+            "mIoU": miou,
+            "mDice": miou + 0.1,
+            "aAcc": 0.9,
+            "IoU": {"background": 0.9, "lesion": 2 * miou - 0.9},
+            "Dice": {"background": 0.95, "lesion": miou},
+        }
+        results = {
+            "dataset": cfg.data.name,
+            "init": cfg.init,
+            "transfer": cfg.transfer,
+            "fraction": cfg.fraction,
+            "seed": cfg.seed,
+            "n_train": round(100 * cfg.fraction),
+            "select": "best",
+            "selected_iter": 10,
+            "val": dict(test),
+            "test": test,
+            "wall_time_s": 1.5,
+            "class_names": CLASSES,
+        }
+        (run / "results.json").write_text(json.dumps(results))
+        (run / "done.json").write_text(json.dumps({"iter": 20}))
+        return run
+
+
+@pytest.fixture
+def weights(tmp_path) -> dict[str, Path]:
+    paths = {}
+    for label in BONUS:
+        paths[label] = tmp_path / "weights" / label
+        paths[label].mkdir(parents=True)
+    return paths
+
+
+def write_experiment(tmp_path: Path, weights: dict[str, Path], **changes) -> Path:
+    raw = {
+        "name": "test_grid",
+        "finetune": str(REPO / "configs/finetune/isic.yaml"),
+        "overrides": ["data.root=/nowhere/isic2017", "model.encoder=resnet18"],
+        "transfer_overrides": {"encoder_decoder": ["model.arch=unet"]},
+        "inits": {
+            "random": {"path": None, "method": "random"},
+            "slotcon": {"path": str(weights["slotcon"]), "method": "slotcon"},
+            "decon_ml": {
+                "path": str(weights["decon_ml"]),
+                "method": "decon_ml",
+                "overrides": ["train.iters=30"],
+            },
+        },
+        "transfers": ["encoder", "encoder_decoder"],
+        "fractions": [0.05, 0.25, 1.0],
+        "seeds": [0, 1, 2],
+        "baseline": "random",
+        "out_dir": str(tmp_path / "exp"),
+    }
+    raw.update(changes)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def exp_file(tmp_path, weights) -> Path:
+    return write_experiment(tmp_path, weights)
+
+
+@pytest.fixture
+def finished(exp_file, capsys):
+    """The whole grid run once with the fake runner: (config, runner, paths, printed output)."""
+    cfg = load_experiment(exp_file)
+    runner = FakeRunner()
+    paths = run_experiment(cfg, runner=runner, progress=False)
+    return cfg, runner, paths, capsys.readouterr().out
+
+
+def test_grid_expansion_counts_names_and_configs(exp_file, tmp_path):
+    specs = expand_grid(load_experiment(exp_file))
+    assert len(specs) == 1 * 3 * 3 + 2 * 2 * 3 * 3
+    names = [s.name for s in specs]
+    assert len(set(names)) == len(names)
+    assert names[0] == "random-random-f0.05-s0" and names[-1] == "decon_ml-encoder_decoder-f1.0-s2"
+    assert {s.transfer for s in specs if s.init == "random"} == {"random"}
+    assert all(s.transfer != "random" for s in specs if s.init != "random")
+    spec = next(s for s in specs if s.name == "decon_ml-encoder_decoder-f0.25-s1")
+    cfg = spec.cfg
+    assert (cfg.init, cfg.transfer, cfg.fraction, cfg.seed) == (
+        str(tmp_path / "weights/decon_ml"),
+        "encoder_decoder",
+        0.25,
+        1,
+    )
+    assert cfg.out_dir == str(tmp_path / "exp" / "runs" / spec.name)
+    assert (cfg.data.root, cfg.model.encoder, cfg.model.arch, cfg.train.iters) == (
+        "/nowhere/isic2017",
+        "resnet18",
+        "unet",
+        30,
+    )
+    slot = next(s for s in specs if s.name == "slotcon-encoder-f1.0-s0").cfg
+    assert (slot.model.arch, slot.train.iters, slot.init) == ("fcn", 24000, str(tmp_path / "weights/slotcon"))
+    rand = specs[0].cfg
+    assert (rand.init, rand.transfer, rand.model.arch) == (None, "random", "fcn")
+    assert run_name("slotcon", "encoder", 1, 2) == "slotcon-encoder-f1.0-s2"
+
+
+def test_dry_run_runs_nothing_and_lists_status(exp_file, capsys):
+    cfg = load_experiment(exp_file)
+    runs = Path(cfg.out_dir) / "runs"
+    FakeRunner()(expand_grid(cfg)[0].cfg)  # one finished run
+    (runs / "slotcon-encoder-f0.05-s0").mkdir(parents=True)
+    (runs / "slotcon-encoder-f0.05-s0" / "last.ckpt").write_bytes(b"x")  # one interrupted run
+    runner = FakeRunner()
+    paths = run_experiment(cfg, dry_run=True, runner=runner, progress=False)
+    out = capsys.readouterr().out
+    assert runner.calls == []
+    assert set(paths) == {"runs"}
+    assert not (Path(cfg.out_dir) / "results.csv").exists()
+    assert "45 runs" in out and "1 done, 1 interrupted, 43 pending" in out
+    lines = {line.split()[0]: line.split()[-1] for line in out.splitlines()[2:] if line.strip()}
+    assert lines["random-random-f0.05-s0"] == "done"
+    assert lines["slotcon-encoder-f0.05-s0"] == "interrupted"
+    assert lines["decon_ml-encoder_decoder-f1.0-s2"] == "pending"
+
+
+def test_rerun_skips_finished_and_resumes_interrupted(finished):
+    cfg, runner, paths, _ = finished
+    assert len(runner.calls) == 45
+    assert all(not resume and not overwrite for _, resume, overwrite in runner.calls)
+    again = FakeRunner()
+    run_experiment(cfg, runner=again, progress=False)
+    assert again.calls == []
+    runs = paths["runs"]
+    (runs / "slotcon-encoder-f0.25-s1" / "done.json").unlink()  # crashed without a checkpoint: restart
+    (runs / "decon_ml-encoder-f1.0-s0" / "done.json").unlink()
+    (runs / "decon_ml-encoder-f1.0-s0" / "last.ckpt").write_bytes(b"x")  # crashed with a checkpoint: resume
+    third = FakeRunner()
+    run_experiment(cfg, runner=third, progress=False)
+    assert third.calls == [
+        ("slotcon-encoder-f0.25-s1", False, True),
+        ("decon_ml-encoder-f1.0-s0", True, False),
+    ]
+    assert len(pd.read_csv(paths["results"])) == 45
+
+
+def test_results_csv_columns_and_values(finished):
+    _, _, paths, _ = finished
+    results = pd.read_csv(paths["results"])
+    assert list(results.columns) == [
+        "dataset", "init", "method", "transfer", "fraction", "seed", "n_train", "mIoU", "mDice", "aAcc",
+        "IoU_background", "IoU_lesion", "Dice_background", "Dice_lesion", "selected_iter", "wall_time_s", "run_dir",
+    ]  # fmt: skip
+    assert len(results) == 45
+    row = results.set_index(results["run_dir"].map(lambda p: Path(p).name)).loc[
+        "decon_ml-encoder_decoder-f0.25-s2"
+    ]
+    miou = 0.60 + 0.025 + 0.02 + 0.05 + 0.01 + 0.01
+    assert (row["dataset"], row["init"], row["method"], row["transfer"]) == (
+        "isic2017",
+        "decon_ml",
+        "decon_ml",
+        "encoder_decoder",
+    )
+    assert (row["fraction"], row["seed"], row["n_train"], row["selected_iter"]) == (0.25, 2, 25, 10)
+    assert row["mIoU"] == pytest.approx(miou)
+    assert row["mDice"] == pytest.approx(miou + 0.1)
+    assert row["IoU_lesion"] == pytest.approx(2 * miou - 0.9)
+    assert row["Dice_lesion"] == pytest.approx(miou)
+    assert row["wall_time_s"] == 1.5
+    assert not list(paths["results"].parent.glob("*.tmp"))
+
+
+def test_summary_mean_and_sample_std(finished):
+    _, _, paths, _ = finished
+    summary = pd.read_csv(paths["summary"])
+    assert len(summary) == 5 * 3
+    assert set(summary["n_seeds"]) == {3}
+    at = summary.set_index(["init", "transfer", "fraction"])
+    # random, 5 %: 60.5, 61.5, 62.5 -> mean 61.50, sample std 1.00
+    assert at.loc[("random", "random", 0.05), ["mIoU_mean", "mIoU_std"]].tolist() == [61.5, 1.0]
+    # slotcon / encoder, 5 %: 63.5, 65.0, 66.5 -> 65.00 +- 1.50
+    assert at.loc[("slotcon", "encoder", 0.05), ["mIoU_mean", "mIoU_std"]].tolist() == [65.0, 1.5]
+    # decon_ml / encoder_decoder, 100 %: 76.0, 77.5, 79.0 -> 77.50 +- 1.50; mDice is 10 points higher
+    assert at.loc[("decon_ml", "encoder_decoder", 1.0), ["mIoU_mean", "mIoU_std", "mDice_mean"]].tolist() == [
+        77.5,
+        1.5,
+        87.5,
+    ]
+    assert at.loc[("decon_ml", "encoder", 1.0), "method"] == "decon_ml"
+
+
+def test_printed_table_has_the_shape_of_table_7(finished):
+    _, _, _, out = finished
+    lines = out.splitlines()
+    header = lines.index("test_grid (isic2017): test mIoU %, mean ± sample std over seeds") + 1
+    assert lines[header].split()[-6:] == ["5", "%", "25", "%", "100", "%"]
+    rows = lines[header + 1 : header + 6]
+    assert [r.split("  ")[0].strip() for r in rows] == [
+        "random", "slotcon / encoder", "slotcon / encoder_decoder", "decon_ml / encoder", "decon_ml / encoder_decoder",
+    ]  # fmt: skip
+    assert rows[0].split()[1:] == ["61.50", "±", "1.00", "63.50", "±", "1.00", "71.00", "±", "1.00"]
+    assert "65.00 ± 1.50" in rows[1]
+    # the paper's reference rows follow, labelled as such
+    ref = next(i for i, line in enumerate(lines) if "paper's Table 7 reference" in line)
+    assert ref > header and "COCO-pretrained" in lines[ref]
+    assert lines[ref + 1].split() == ["5", "%", "25", "%", "100", "%"]
+    assert lines[ref + 2].split() == ["random", "75.66", "78.38", "80.65"]
+    assert list(PAPER_TABLE7["isic"]) == ["random", "slotcon", "decon_sl/encoder", "decon_sl/encoder_decoder"]
+
+
+def test_paired_differences_and_bootstrap_ci(finished):
+    _, _, paths, out = finished
+    paired = pd.read_csv(paths["paired"])
+    assert len(paired) == 4 * 3
+    assert set(paired["baseline"]) == {"random"} and set(paired["n_pairs"]) == {3}
+    assert paired["fraction"].is_monotonic_increasing
+    row = paired.set_index(["init", "transfer", "fraction"]).loc[("slotcon", "encoder", 0.05)]
+    # differences 3.0, 3.5, 4.0 pp: the bootstrap of three values spans [min, max]
+    assert (row["mean_diff"], row["ci_low"], row["ci_high"], row["n_better"]) == (3.5, 3.0, 4.0, 3)
+    assert row["seeds"] == "0,1,2"
+    assert (paired["ci_low"] <= paired["mean_diff"]).all() and (
+        paired["mean_diff"] <= paired["ci_high"]
+    ).all()
+    assert "+3.50 [+3.00, +4.00] (n=3)" in out
+    results = pd.read_csv(paths["results"])
+    pd.testing.assert_frame_equal(
+        paired_differences(results, "random"), paired_differences(results, "random")
+    )
+
+
+def test_bootstrap_ci_is_reproducible_and_nan_below_two_pairs():
+    diffs = [0.3, -1.2, 2.5, 0.8, 1.1]
+    low, high = bootstrap_ci(diffs)
+    assert (low, high) == bootstrap_ci(diffs)
+    assert low < sum(diffs) / len(diffs) < high
+    assert bootstrap_ci(diffs, seed=1) != (low, high)
+    assert all(math.isnan(v) for v in bootstrap_ci([1.0]))
+    assert all(math.isnan(v) for v in bootstrap_ci([]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["train.batch_sise=4"], "train.batch_sise"),
+        (["train.batch_size=0"], "train.batch_size"),
+        (["model.arch=segformer"], "model.arch"),
+    ],
+)
+def test_bad_run_override_stops_before_anything_runs(tmp_path, weights, overrides, key):
+    path = write_experiment(tmp_path, weights, overrides=overrides)
+    runner = FakeRunner()
+    with pytest.raises(ConfigError, match=rf"run random-random-f0.05-s0: .*{key}"):
+        run_experiment(load_experiment(path), runner=runner, progress=False)
+    assert runner.calls == []
+    assert not (tmp_path / "exp").exists()
+
+
+def test_bad_init_override_names_the_run(tmp_path, weights):
+    path = write_experiment(tmp_path, weights)
+    cfg = load_experiment(path, ["inits.decon_ml.overrides=[train.lr=-1]"])
+    with pytest.raises(ConfigError, match=r"run decon_ml-encoder-f0.05-s0: .*train\.lr"):
+        run_experiment(cfg, runner=FakeRunner(), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["sedes=[0]"], "sedes"),
+        (["fractions=[0.0]"], "fractions"),
+        (["baseline=imagenet"], "baseline"),
+        (["transfers=[random]"], "transfers"),
+        (["inits.slotcon.method=random"], "inits.slotcon.method"),
+        (["inits.random.colour=1"], "inits.random.colour"),
+        (["overrides=[fraction=0.5]"], "overrides"),
+        (["data.root=/x"], "data"),
+        (["transfer_overrides.encoder=model.arch"], "transfer_overrides.encoder"),
+    ],
+)
+def test_bad_experiment_keys_are_named(exp_file, overrides, key):
+    with pytest.raises(ConfigError, match=f"'{key}"):
+        load_experiment(exp_file, overrides)
+
+
+def test_missing_init_weights_stop_before_anything_runs(exp_file, weights):
+    weights["slotcon"].rmdir()
+    runner = FakeRunner()
+    with pytest.raises(ConfigError, match="inits.slotcon.path"):
+        run_experiment(load_experiment(exp_file), runner=runner, progress=False)
+    assert runner.calls == []
+    # leaving the init out runs the rest
+    run_experiment(load_experiment(exp_file, ["inits.slotcon=null"]), runner=runner, progress=False)
+    assert len(runner.calls) == 9 + 2 * 9
+
+
+def test_failed_run_is_reported_and_the_others_complete(exp_file, capsys):
+    cfg = load_experiment(exp_file)
+    bad = "slotcon-encoder_decoder-f0.25-s1"
+    runner = FakeRunner(fail=(bad,))
+    with pytest.raises(GridError, match=f"1 of 45 runs failed \\({bad}\\)") as info:
+        run_experiment(cfg, runner=runner, progress=False)
+    out, err = capsys.readouterr()
+    assert len(runner.calls) == 45
+    assert info.value.failed == [bad]
+    assert f"run {bad} failed: RuntimeError: simulated out-of-memory" in out + err
+    log = Path(cfg.out_dir) / "failed" / f"{bad}.txt"
+    assert "simulated out-of-memory" in log.read_text()
+    assert len(pd.read_csv(info.value.paths["results"])) == 44
+    assert (
+        pd.read_csv(info.value.paths["summary"])
+        .set_index(["init", "transfer", "fraction"])
+        .loc[("slotcon", "encoder_decoder", 0.25), "n_seeds"]
+        == 2
+    )
+    retry = FakeRunner()
+    run_experiment(cfg, runner=retry, progress=False)
+    assert [name for name, _, _ in retry.calls] == [bad]
+    assert not log.exists()
+
+
+def test_cli_parses_experiment_dry_run(exp_file, capsys):
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["experiment", str(exp_file), "seeds=[0]", "inits.decon_ml=null", "--dry-run"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "9 runs" in out and "0 done, 0 interrupted, 9 pending" in out
+
+
+@pytest.mark.parametrize(("name", "count"), [("table7_isic", 63), ("table7_refuge", 63), ("demo", 30)])
+def test_shipped_experiment_configs_load_and_expand(monkeypatch, name, count):
+    monkeypatch.chdir(REPO)
+    cfg = load_experiment(f"configs/experiment/{name}.yaml")
+    specs = expand_grid(cfg)
+    assert len(specs) == count
+    assert cfg.baseline in cfg.inits
+    assert all(s.cfg.out_dir.startswith(cfg.out_dir) for s in specs)
+    if name == "table7_isic":
+        assert count == 1 * 3 * 3 + 3 * 2 * 3 * 3
+        assert {s.cfg.data.name for s in specs} == {"isic2017"}
+    if name == "table7_refuge":
+        assert {s.cfg.data.name for s in specs} == {"refuge"}
+    if name == "demo":
+        cfg0 = specs[0].cfg
+        assert (cfg0.model.arch, cfg0.model.encoder, cfg0.data.image_size, cfg0.train.iters) == (
+            "unet",
+            "resnet18",
+            64,
+            20,
+        )
+        assert cfg0.data.root == "runs/demo/data/isic2017"
