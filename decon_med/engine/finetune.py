@@ -55,8 +55,9 @@ from decon_med.config import FinetuneConfig, save_config
 from decon_med.data.datasets import build_dataset, set_epoch
 from decon_med.data.layouts import get_layout, num_classes
 from decon_med.data.splits import split_fraction, write_split
-from decon_med.engine.checkpoint import capture_rng_state, copy_checkpoint, restore_rng_state, save_checkpoint
+from decon_med.engine.checkpoint import restore_rng_state, save_checkpoint
 from decon_med.engine.evaluate import autocast, class_names, evaluate_network, write_json
+from decon_med.engine.loop import TrainingSession
 from decon_med.engine.model_io import load_segmentation_model, segmentation_state
 from decon_med.engine.optim import build_optimizer, poly_schedule
 from decon_med.engine.pretrain import (
@@ -234,8 +235,10 @@ def _check_micro_batch(cfg: FinetuneConfig) -> None:
         )
 
 
-class _Run:
+class _Run(TrainingSession):
     """One training session of a fine-tuning run folder: optimiser, checkpoint restore, iterations, test."""
+
+    unit = "iteration"
 
     def __init__(
         self,
@@ -260,18 +263,11 @@ class _Run:
         self.lr_schedule = poly_schedule(train.lr, train.iters, power=train.poly_power)
         self.params = [p for p in network.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(train, network.named_parameters(), train.lr)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.amp == "fp16")
-        self.step = 0
-        self.elapsed = 0.0
-        self.metrics_rows = 0
         self.best: dict[str, Any] = {"iter": -1, "mIoU": None}
         self.last_val: dict[str, Any] | None = None
-        self.rng_state: dict[str, Any] | None = None
         if checkpoint is not None:
             self._load(checkpoint)
-        self.saved_step = self.step if checkpoint is not None else -1
-        # First iteration whose loss was not finite (-1: none); updated on the device, read at log steps.
-        self.bad_step = torch.tensor(-1, device=self.device)
+        self.init_session(checkpoint)
 
     # -- state ---------------------------------------------------------------------------------------------------
     def _load(self, checkpoint: dict[str, Any]) -> None:
@@ -281,15 +277,8 @@ class _Run:
                 f"({checkpoint.get('n_train')} images saved, {len(self.dataset)} now)"
             )
         self.network.load_state_dict(checkpoint["network"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint.get("scaler"):
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        self.step = int(checkpoint["step"])
-        self.elapsed = float(checkpoint.get("elapsed_s", 0.0))
-        self.metrics_rows = int(checkpoint.get("metrics_rows", 0))
         self.best = dict(checkpoint["best"])
         self.last_val = checkpoint.get("val")
-        self.rng_state = checkpoint["rng"]
 
     def _state(self) -> dict[str, Any]:
         return segmentation_state(
@@ -298,32 +287,11 @@ class _Run:
             self.classes,
             step=self.step,
             val=self.last_val,
-            optimizer=self.optimizer.state_dict(),
-            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            rng=capture_rng_state(),
             best=self.best,
             n_train=len(self.dataset),
             data_position=self.step * self.cfg.train.batch_size,
-            metrics_rows=self.metrics_rows,
-            elapsed_s=self.elapsed,
+            **self.training_state(),
         )
-
-    def _save(self, numbered: bool) -> None:
-        """Write ``last.ckpt`` (and the numbered checkpoint); never from a non-finite state."""
-        self._check_finite()
-        state = self._state()
-        if numbered:
-            path = save_checkpoint(state, self.paths.step_checkpoint(self.step))
-            copy_checkpoint(path, self.paths.last)
-        else:
-            save_checkpoint(state, self.paths.last)
-        self.saved_step = self.step
-
-    def _check_finite(self) -> None:
-        bad = int(self.bad_step.item())
-        if bad >= 0:
-            last = self.paths.last if self.paths.last.is_file() else "none (no checkpoint was written)"
-            raise DeconError(f"non-finite loss at iteration {bad}; the last good checkpoint is {last}")
 
     # -- data ----------------------------------------------------------------------------------------------------
     def _micro_batches(self) -> Iterator[dict]:
@@ -357,19 +325,10 @@ class _Run:
             with autocast(self.device, train.amp):
                 logits = self.network(images)
             loss = self.loss_fn(logits.float(), labels)
-            self.scaler.scale(loss / train.accum_steps).backward()
+            self.backward(loss)
             total = total + loss.detach() / train.accum_steps
-        lr = float(self.lr_schedule[self.step])
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        if train.clip_grad > 0:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.params, train.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(total), self.step, self.bad_step)
+        lr = self.update()
+        self.advance(total)
         return total, lr
 
     # -- the loop ------------------------------------------------------------------------------------------------
@@ -398,7 +357,7 @@ class _Run:
                 meter.add(loss)
                 bar.update(1)
                 if self.step % train.log_every == 0 or self.step == self.total:
-                    self._check_finite()
+                    self.check_finite()
                     row = self._log_row(meter, lr)
                     logger.write(row)
                     self.metrics_rows = logger.rows
@@ -409,11 +368,11 @@ class _Run:
                     meter.restart_clock()
                 self.elapsed = elapsed_before + time.perf_counter() - session_start
                 if self.step % train.ckpt_every == 0:
-                    self._save(numbered=True)
+                    self.save(numbered=True)
                 elif validated:
-                    self._save(numbered=False)
+                    self.save(numbered=False)
             if self.saved_step != self.step:
-                self._save(numbered=False)
+                self.save(numbered=False)
         finally:
             batches.close()
             bar.close()
@@ -432,7 +391,7 @@ class _Run:
 
     def _validate(self, logger: MetricsLogger, val_log: _ValLog) -> None:
         """Score the val split; keep ``best.ckpt`` when it is the best so far (strictly: ties keep the earlier)."""
-        self._check_finite()
+        self.check_finite()
         metrics = validate(self.network, self.cfg, self.classes)
         self.last_val = {"iter": self.step, "metrics": metrics}
         val_log.write(self.step, metrics)

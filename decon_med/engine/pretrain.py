@@ -47,12 +47,10 @@ from tqdm.auto import tqdm
 from decon_med.config import PretrainConfig, save_config, to_dict
 from decon_med.data.datasets import build_dataset, set_epoch
 from decon_med.engine.checkpoint import (
-    capture_rng_state,
-    copy_checkpoint,
     load_checkpoint,
     restore_rng_state,
-    save_checkpoint,
 )
+from decon_med.engine.loop import TrainingSession
 from decon_med.engine.optim import build_optimizer, cosine_schedule, scaled_lr
 from decon_med.errors import DeconError
 
@@ -258,7 +256,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
-class _Run:
+class _Run(TrainingSession):
     """One training session of a run folder: builds the optimiser, restores a checkpoint, runs the steps."""
 
     def __init__(
@@ -283,16 +281,9 @@ class _Run:
         )
         self.params = [p for _, p in method.trainable_parameters()]
         self.optimizer = build_optimizer(train, method.trainable_parameters(), base_lr)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.amp == "fp16")
-        self.step = 0
-        self.elapsed = 0.0
-        self.metrics_rows = 0
-        self.rng_state: dict[str, Any] | None = None
         if checkpoint is not None:
             self._load(checkpoint)
-        self.saved_step = self.step if checkpoint is not None else -1
-        # First optimiser step whose loss was not finite (-1: none); updated on the device, read at log steps.
-        self.bad_step = torch.tensor(-1, device=self.device)
+        self.init_session(checkpoint)
 
     # -- state ---------------------------------------------------------------------------------------------------
     def _load(self, checkpoint: dict[str, Any]) -> None:
@@ -302,47 +293,19 @@ class _Run:
                 f"({checkpoint['steps_per_epoch']} steps per epoch saved, {self.plan.steps_per_epoch} now)"
             )
         self.method.load_state_dict(checkpoint["method"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint.get("scaler"):
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        self.step = int(checkpoint["step"])
-        self.elapsed = float(checkpoint.get("elapsed_s", 0.0))
-        self.metrics_rows = int(checkpoint.get("metrics_rows", 0))
-        self.rng_state = checkpoint["rng"]
 
     def _state(self) -> dict[str, Any]:
         epoch, batch_in_epoch = divmod(self.step, self.plan.steps_per_epoch)
         return {
             "method": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "step": self.step,
             "epoch": epoch,
             "batch_in_epoch": batch_in_epoch,
             "steps_per_epoch": self.plan.steps_per_epoch,
-            "rng": capture_rng_state(),
             "config": to_dict(self.cfg),
             "network_meta": network_meta(self.cfg, self.method.network),
-            "metrics_rows": self.metrics_rows,
-            "elapsed_s": self.elapsed,
+            **self.training_state(),
         }
-
-    def _save(self, numbered: bool) -> None:
-        """Write ``last.ckpt`` (and the numbered checkpoint); never from a non-finite state."""
-        self._check_finite()
-        state = self._state()
-        if numbered:
-            path = save_checkpoint(state, self.paths.step_checkpoint(self.step))
-            copy_checkpoint(path, self.paths.last)
-        else:
-            save_checkpoint(state, self.paths.last)
-        self.saved_step = self.step
-
-    def _check_finite(self) -> None:
-        bad = int(self.bad_step.item())
-        if bad >= 0:
-            last = self.paths.last if self.paths.last.is_file() else "none (no checkpoint was written)"
-            raise DeconError(f"non-finite loss at step {bad}; the last good checkpoint is {last}")
 
     # -- data ----------------------------------------------------------------------------------------------------
     def _micro_batches(self) -> Iterator[dict]:
@@ -397,23 +360,13 @@ class _Run:
             batch = self._to_device(next(batches))
             with self._autocast():
                 out = self.method(batch)
-            self.scaler.scale(out["loss"] / train.accum_steps).backward()
+            self.backward(out["loss"])
             for key, value in out.items():
                 share = value.detach().float() / train.accum_steps
                 parts[key] = parts[key] + share if key in parts else share
-        lr = float(self.lr_schedule[self.step])
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        if train.clip_grad > 0:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.params, train.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.update()
         extra = self.method.after_step(self.step, self.plan.total_steps)
-        self.step += 1
-        finite = torch.isfinite(parts["loss"])
-        self.bad_step = torch.where((self.bad_step < 0) & ~finite, self.step, self.bad_step)
+        self.advance(parts["loss"])
         return parts, {**(extra or {}), "lr": lr}
 
     # -- the loop ------------------------------------------------------------------------------------------------
@@ -442,16 +395,16 @@ class _Run:
                 meter.add(parts)
                 bar.update(1)
                 if self.step % train.log_every == 0 or self.step == plan.total_steps:
-                    self._check_finite()
+                    self.check_finite()
                     row = self._log_row(meter, extra)
                     logger.write(row)
                     self.metrics_rows = logger.rows
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_s']:.1f}")
                 self.elapsed = elapsed_before + time.perf_counter() - session_start
                 if self.step % train.ckpt_every == 0:
-                    self._save(numbered=True)
+                    self.save(numbered=True)
             if self.saved_step != self.step:
-                self._save(numbered=False)
+                self.save(numbered=False)
         finally:
             batches.close()
             bar.close()
