@@ -147,7 +147,8 @@ def finetune(
     write_split(subset, paths.train_ids, fraction=cfg.fraction, seed=cfg.seed, n_total=len(all_train))
     if report is not None:
         write_json(paths.init_report, report)
-        print(format_report(report))
+        if progress:  # a grid of runs keeps its output to one line per run; the report is in the run folder
+            print(format_report(report))
     run.train(progress)
     return paths.root
 
