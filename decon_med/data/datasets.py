@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset
 from monai.transforms import Compose, RandomizableTrait, Transform
+from torch.utils.data import default_collate
 
 from decon_med.config import Config
 from decon_med.data.io import read_image, read_mask
@@ -105,8 +106,11 @@ def sample_seed(seed: int, epoch: int, sample_id: str) -> int:
     return int.from_bytes(digest, "little")
 
 
-def build_transform(cfg: Config, mode: Mode):
-    """The tensor transform of a mode, configured from ``cfg.data`` and ``cfg.augment``."""
+def build_transform(cfg: Config, mode: Mode, full_labels: bool = False):
+    """The tensor transform of a mode, configured from ``cfg.data`` and ``cfg.augment``.
+
+    ``full_labels`` (eval mode) also keeps each mask at its original size as ``label_full``.
+    """
     data, aug = cfg.data, cfg.augment
     common = {"modality": data.modality, "in_channels": data.in_channels}
     if mode == "pretrain":
@@ -127,7 +131,7 @@ def build_transform(cfg: Config, mode: Mode):
             **common,
         )
     if mode == "eval":
-        return SegEvalTransform(data.image_size, **common)
+        return SegEvalTransform(data.image_size, full_label=full_labels, **common)
     raise ValueError(f"unknown mode '{mode}'; expected pretrain, train or eval")
 
 
@@ -137,6 +141,7 @@ def build_dataset(
     mode: Mode = "eval",
     items: list[dict] | None = None,
     progress: bool = False,
+    full_labels: bool = False,
 ) -> Dataset:
     """A MONAI ``Dataset`` (``CacheDataset`` when ``data.cache_rate > 0``) for one split and mode.
 
@@ -146,6 +151,8 @@ def build_dataset(
         mode: ``pretrain`` (images only, two views), ``train`` or ``eval``.
         items: use these items instead of listing the split (e.g. a label-fraction subset).
         progress: show a progress bar while caching.
+        full_labels: eval mode: also keep each mask at its original size as ``label_full`` (batch such samples
+            with :func:`collate_eval`).
 
     Raises:
         DataError: the split has no images, or a file is missing (named in the message).
@@ -160,7 +167,7 @@ def build_dataset(
     if mode in ("pretrain", "train"):
         seeder = SampleSeeder(cfg.seed)
         steps.append(seeder)
-    steps.append(build_transform(cfg, mode))
+    steps.append(build_transform(cfg, mode, full_labels=full_labels))
     transform = Compose(steps)
     if cfg.data.cache_rate > 0:
         ds = CacheDataset(
@@ -175,6 +182,15 @@ def build_dataset(
     ds.seeder = seeder
     ds.layout = layout
     return ds
+
+
+def collate_eval(samples: list[dict]) -> dict:
+    """Batch eval samples: tensors stacked as usual, ``label_full`` (sizes differ) kept as a list."""
+    full = [s.pop("label_full") for s in samples] if "label_full" in samples[0] else None
+    batch = default_collate(samples)
+    if full is not None:
+        batch["label_full"] = full
+    return batch
 
 
 def set_epoch(dataset: Dataset, epoch: int) -> None:

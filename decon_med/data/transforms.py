@@ -454,13 +454,16 @@ class SegEvalTransform:
     """Deterministic resize to ``size x size`` for evaluation.
 
     The image is resized bilinearly, the mask (if any) with nearest neighbour; ``data["orig_size"]`` records
-    the input ``(H, W)`` so predictions can be resized back. A missing or None ``label`` is left out.
+    the input ``(H, W)`` so predictions can be resized back. A missing or None ``label`` is left out. With
+    ``full_label`` the mask is also kept at its original size as ``label_full``, for scoring predictions at the
+    original resolution (as mmseg does).
 
     Args:
         size: output side in pixels.
         modality: ``rgb``, ``gray``, ``mr`` or ``ct``.
         in_channels: channels of the output (1, or 3 with greyscale replicated).
         mean, std: normalisation; default :func:`default_normalisation`.
+        full_label: also return the mask at its original size as ``label_full``.
 
     Example:
         >>> out = SegEvalTransform(224)({"image": image, "label": mask, "id": "a"})
@@ -475,11 +478,13 @@ class SegEvalTransform:
         in_channels: int = 3,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        full_label: bool = False,
     ):
         self.mean, self.std = _resolve_normalisation(in_channels, modality, mean, std)
         self.size = size
         self.modality = modality
         self.in_channels = in_channels
+        self.full_label = full_label
 
     def __call__(self, data: dict) -> dict:
         image = _to_channels(data["image"], self.in_channels)
@@ -493,5 +498,7 @@ class SegEvalTransform:
         )
         if label is not None:
             out["label"] = torch.from_numpy(_resize_label(label, whole, self.size))
+            if self.full_label:
+                out["label_full"] = torch.from_numpy(label.astype(np.int64))
         out["orig_size"] = (int(height), int(width))
         return out

@@ -1,10 +1,11 @@
 """Evaluate a fine-tuned network on a whole split: mIoU, mDice, accuracy and optional prediction masks.
 
 Scores follow :mod:`decon_med.metrics` (one confusion matrix over every pixel of the split, background
-included) and are computed at the network input size: images and masks go through the evaluation transform
-(:class:`~decon_med.data.transforms.SegEvalTransform`, masks resized with nearest neighbour), the same view
-that validation during fine-tuning uses, so ``evaluate`` on a finished run reproduces its ``results.json``.
-Saved predictions are at the original image size: the logits are resized back bilinearly before the arg-max.
+included) and, as in mmseg, are computed at each image's original resolution: the image is resized to the
+network input (:class:`~decon_med.data.transforms.SegEvalTransform`), the logits are resized back bilinearly to
+the original size, and the arg-max is compared with the original mask. Validation during fine-tuning uses the
+same function, so ``evaluate`` on a finished run reproduces its ``results.json``. Saved predictions are these
+original-size arg-max masks.
 
 Example:
     >>> metrics = evaluate("runs/finetune/isic", split="test", save_predictions=True)
@@ -32,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from decon_med.config import FinetuneConfig
-from decon_med.data.datasets import build_dataset
+from decon_med.data.datasets import build_dataset, collate_eval
 from decon_med.data.layouts import get_layout
 from decon_med.engine.model_io import load_segmentation_model, resolve_checkpoint
 from decon_med.engine.pretrain import AMP_DTYPES
@@ -74,11 +75,12 @@ def class_names(cfg: FinetuneConfig, classes: int) -> list[str]:
 
 def eval_loader(cfg: FinetuneConfig, split: str) -> DataLoader:
     """Deterministic loader over a labelled split in ``eval`` mode (no shuffling, every image once)."""
-    dataset = build_dataset(cfg, split, "eval")
+    dataset = build_dataset(cfg, split, "eval", full_labels=True)
     return DataLoader(
         dataset,
         batch_size=eval_batch_size(cfg),
         shuffle=False,
+        collate_fn=collate_eval,
         num_workers=cfg.data.num_workers,
         pin_memory=torch.cuda.is_available(),
         # a generator of its own, so evaluating never draws from the global generator
@@ -119,9 +121,14 @@ def evaluate_network(
         ):
             images = batch["image"].to(device, non_blocking=True)
             logits = predict_logits(network, images, cfg.train.amp)
-            matrix.update(logits, batch["label"].to(device, non_blocking=True))
-            if save is not None:
-                save(batch, logits)
+            for index, (sample_id, label) in enumerate(zip(batch["id"], batch["label_full"], strict=True)):
+                full = F.interpolate(
+                    logits[index : index + 1], size=tuple(label.shape), mode="bilinear", align_corners=False
+                )
+                prediction = full.argmax(1)
+                matrix.update(prediction, label.to(device, non_blocking=True)[None])
+                if save is not None:
+                    save(sample_id, prediction[0])
     finally:
         network.train(was_training)
     return matrix.compute(class_names=names)
@@ -223,27 +230,13 @@ def _percent(value: float) -> str:
     return "nan" if value is None or math.isnan(value) else f"{100 * value:.2f}"
 
 
-def _prediction_writer(folder: Path) -> Callable[[dict, torch.Tensor], None]:
-    """Writes each image's arg-max at its original size as ``<folder>/<id>.png`` (uint8 class indices)."""
+def _prediction_writer(folder: Path) -> Callable[[str, torch.Tensor], None]:
+    """Writes an original-size arg-max mask as ``<folder>/<id>.png`` (uint8 class indices)."""
     folder.mkdir(parents=True, exist_ok=True)
 
-    def save(batch: dict, logits: torch.Tensor) -> None:
-        for index, (sample_id, size) in enumerate(zip(batch["id"], _orig_sizes(batch), strict=True)):
-            resized = F.interpolate(
-                logits[index : index + 1], size=size, mode="bilinear", align_corners=False
-            )
-            mask = resized.argmax(1)[0].to(torch.uint8).cpu().numpy()
-            name = str(sample_id).replace("/", "_").replace("\\", "_")
-            Image.fromarray(np.ascontiguousarray(mask)).save(folder / f"{name}.png")
+    def save(sample_id: str, mask: torch.Tensor) -> None:
+        name = str(sample_id).replace("/", "_").replace("\\", "_")
+        array = mask.to(torch.uint8).cpu().numpy()
+        Image.fromarray(np.ascontiguousarray(array)).save(folder / f"{name}.png")
 
     return save
-
-
-def _orig_sizes(batch: dict) -> list[tuple[int, int]]:
-    """Per-sample ``(H, W)`` from the collated ``orig_size`` (two tensors of shape ``(B,)``, or a list of pairs)."""
-    sizes = batch["orig_size"]
-    if isinstance(sizes, (list, tuple)) and len(sizes) == 2 and isinstance(sizes[0], torch.Tensor):
-        return [(int(h), int(w)) for h, w in zip(sizes[0].tolist(), sizes[1].tolist(), strict=True)]
-    if isinstance(sizes, torch.Tensor):
-        return [(int(h), int(w)) for h, w in sizes.tolist()]
-    return [(int(h), int(w)) for h, w in sizes]

@@ -59,3 +59,19 @@ def test_fraction_subset_and_cache(synth_root):
     ds = build_dataset(cfg, "train", "train", items=subset)
     assert len(ds) == 2
     assert {ds[i]["id"] for i in range(2)} == {it["id"] for it in subset}
+
+
+def test_eval_batches_keep_original_masks(synth_root):
+    from decon_med.data.datasets import collate_eval
+
+    cfg = make_cfg("isic2017", synth_root / "isic")
+    ds = build_dataset(cfg, "test", "eval", full_labels=True)
+    batch = collate_eval([ds[0], ds[1]])
+    assert batch["image"].shape == (2, 3, 64, 64) and batch["label"].shape == (2, 64, 64)
+    items = get_layout(cfg.data).items("test")
+    for label, item in zip(batch["label_full"], items, strict=True):
+        from decon_med.data.io import read_mask
+
+        raw = read_mask(item["label"])
+        assert tuple(label.shape) == raw.shape
+        assert torch.equal(label, torch.from_numpy((raw == 255).astype("int64")))

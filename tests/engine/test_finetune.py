@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from decon_med import cli, cli_finetune
 from decon_med.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, to_dict
@@ -67,7 +68,7 @@ def reference(data, tmp_path_factory) -> Path:
     return run(make_cfg(data, tmp_path_factory.mktemp("reference") / "run", train={"ckpt_every": 4}))
 
 
-def test_run_folder_and_results(reference):
+def test_run_folder_and_results(reference, data):
     assert sorted(p.name for p in reference.iterdir()) == [
         "best.ckpt",
         "checkpoints",
@@ -94,7 +95,10 @@ def test_run_folder_and_results(reference):
     }
     assert res["class_names"] == ["background", "lesion"] and res["wall_time_s"] > 0
     assert set(res["test"]) >= {"mIoU", "mDice", "aAcc", "IoU", "Dice", "Acc", "n_pixels"}
-    assert res["test"]["n_pixels"] == 2 * 64 * 64 and 0.0 <= res["test"]["mIoU"] <= 1.0
+    # scored at the original resolution: every pixel of every original test mask counts once
+    masks = sorted((data / "isic").glob("ISIC-2017_Test_v2_Part1_GroundTruth/*.png"))
+    assert res["test"]["n_pixels"] == sum(Image.open(m).width * Image.open(m).height for m in masks)
+    assert 0.0 <= res["test"]["mIoU"] <= 1.0
     val_rows = read_csv(reference / "val.csv")
     assert list(val_rows[0]) == ["iter", "mIoU", "mDice", "aAcc", "IoU_background", "IoU_lesion"]
     assert [int(r["iter"]) for r in val_rows] == [3, 6]
@@ -249,7 +253,7 @@ def test_pretrained_init_dice_ce_amp_on_refuge(data, tmp_path, capsys):
             "channels_last": True,
         },
     )
-    out = run(cfg)
+    out = finetune(cfg, progress=True)
     summary = capsys.readouterr().out
     assert (
         "init: loaded" in summary
