@@ -403,7 +403,7 @@ def load_config(
         raw = loaded or {}
     for item in overrides:
         key, value = parse_override(item)
-        _set_nested(raw, key, value)
+        set_nested(raw, key, value)
     if schema is None:
         schema = _infer_schema(raw)
     cfg = from_dict(schema, raw)
@@ -457,6 +457,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> ``{"section.key": value}`` (tuples as lists), e.g. to compare two configs."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically) so a run folder records exactly what ran."""
     path = Path(path)
@@ -475,7 +486,8 @@ def _infer_schema(raw: dict[str, Any]) -> type[Config]:
     return min(SCHEMAS, key=unknown)
 
 
-def _set_nested(raw: dict[str, Any], dotted: str, value: Any) -> None:
+def set_nested(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``raw["a"]["b"] = value`` for ``dotted="a.b"``, creating sections; a non-section on the way is an error."""
     parts = dotted.split(".")
     node = raw
     for i, part in enumerate(parts[:-1]):

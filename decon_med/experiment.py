@@ -68,10 +68,11 @@ import yaml
 from decon_med.config import (
     FinetuneConfig,
     Transfer,
-    _set_nested,
+    flatten,
     from_dict,
     load_config,
     parse_override,
+    set_nested,
     to_dict,
 )
 from decon_med.errors import ConfigError, DataError, DeconError
@@ -256,7 +257,7 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
         raise ConfigError(f"{path}: the top level must be a mapping")
     for item in overrides:
         key, value = parse_override(item)
-        _set_nested(raw, key, value)
+        set_nested(raw, key, value)
     cfg = experiment_from_dict(raw)
     cfg.validate()
     return cfg
@@ -269,7 +270,7 @@ def experiment_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     known = {f.name for f in dataclasses.fields(ExperimentConfig)}
     for key in raw:
         if key not in known and key in finetune_keys:
-            dotted, value = next(iter(_flatten({key: raw[key]}).items()), (key, "..."))
+            dotted, value = next(iter(flatten({key: raw[key]}).items()), (key, "..."))
             raise ConfigError(
                 f"unknown experiment key '{key}': fine-tuning settings go in the 'overrides' list, which a "
                 f'command-line override replaces: "overrides=[{dotted}={value}, ...]"'
@@ -483,8 +484,8 @@ def _note_drift(done: Sequence[RunSpec]) -> None:
         saved_file = spec.run_dir / "config.yaml"
         if not saved_file.is_file():
             continue
-        saved = _flatten(yaml.safe_load(saved_file.read_text()) or {})
-        planned = _flatten(to_dict(spec.cfg))
+        saved = flatten(yaml.safe_load(saved_file.read_text()) or {})
+        planned = flatten(to_dict(spec.cfg))
         keys = sorted(
             k
             for k in saved.keys() | planned.keys()
@@ -747,16 +748,6 @@ def _fraction_label(fraction: float) -> str:
 
 def _column_name(cls: Any) -> str:
     return re.sub(r"\s+", "_", str(cls).strip())
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return flat
 
 
 def _write_text(path: Path, text: str) -> None:

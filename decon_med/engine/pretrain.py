@@ -44,7 +44,7 @@ from monai.data import DataLoader
 from torch import nn
 from tqdm.auto import tqdm
 
-from decon_med.config import PretrainConfig, save_config, to_dict
+from decon_med.config import PretrainConfig, flatten, save_config, to_dict
 from decon_med.data.datasets import build_dataset, set_epoch
 from decon_med.engine.checkpoint import (
     load_checkpoint,
@@ -210,7 +210,7 @@ def check_resumable(saved: dict[str, Any], new: dict[str, Any], root: Path) -> N
 
     ``train.epochs`` may only grow.
     """
-    old_flat, new_flat = _flatten(saved), _flatten(new)
+    old_flat, new_flat = flatten(saved), flatten(new)
     differing = sorted(
         key
         for key in old_flat.keys() | new_flat.keys()
@@ -530,16 +530,6 @@ def network_meta(cfg: PretrainConfig, network: nn.Module) -> dict[str, Any]:
         "in_channels": cfg.data.in_channels,
         "classes": convs[-1].out_channels if convs else 1,
     }
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return flat
 
 
 def _empty_folder(folder: Path) -> None:
