@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -35,8 +34,8 @@ from tqdm.auto import tqdm
 from decon_med.config import FinetuneConfig
 from decon_med.data.datasets import build_dataset, collate_eval
 from decon_med.data.layouts import get_layout
+from decon_med.engine.loop import autocast
 from decon_med.engine.model_io import load_segmentation_model, resolve_checkpoint
-from decon_med.engine.pretrain import AMP_DTYPES
 from decon_med.errors import DeconError
 from decon_med.metrics import ConfusionMatrix
 
@@ -46,13 +45,6 @@ SPLITS = ("train", "val", "test")
 def eval_batch_size(cfg: FinetuneConfig) -> int:
     """Images per evaluation forward pass: the training micro-batch (fixed, so scores are reproducible)."""
     return max(1, cfg.train.batch_size // cfg.train.accum_steps)
-
-
-def autocast(device: torch.device | str, amp: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``train.amp`` (``none``, ``bf16``, ``fp16``) on ``device``."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=AMP_DTYPES[amp])
 
 
 @torch.no_grad()

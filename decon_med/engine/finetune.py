@@ -49,15 +49,14 @@ import torch
 from monai.data import DataLoader
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from decon_med.config import FinetuneConfig, save_config
 from decon_med.data.datasets import build_dataset, set_epoch
 from decon_med.data.layouts import get_layout, num_classes
 from decon_med.data.splits import split_fraction, write_split
-from decon_med.engine.checkpoint import restore_rng_state, save_checkpoint
-from decon_med.engine.evaluate import autocast, class_names, evaluate_network, write_json
-from decon_med.engine.loop import TrainingSession
+from decon_med.engine.checkpoint import save_checkpoint
+from decon_med.engine.evaluate import class_names, evaluate_network, write_json
+from decon_med.engine.loop import IntervalMeter, TrainingSession, autocast
 from decon_med.engine.model_io import load_segmentation_model, segmentation_state
 from decon_med.engine.optim import build_optimizer, poly_schedule
 from decon_med.engine.pretrain import (
@@ -240,6 +239,7 @@ class _Run(TrainingSession):
     """One training session of a fine-tuning run folder: optimiser, checkpoint restore, iterations, test."""
 
     unit = "iteration"
+    bar_unit = "it"
 
     def __init__(
         self,
@@ -317,8 +317,8 @@ class _Run(TrainingSession):
         return images, batch["label"].to(self.device, non_blocking=True).long()
 
     # -- one iteration -------------------------------------------------------------------------------------------
-    def _optimizer_step(self, batches: Iterator[dict]) -> tuple[torch.Tensor, float]:
-        """Forward / backward over ``accum_steps`` micro-batches, then clip and step; returns (loss, lr)."""
+    def _optimizer_step(self, batches: Iterator[dict]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Forward / backward over ``accum_steps`` micro-batches, then clip and step; returns ({loss}, {lr})."""
         train = self.cfg.train
         total = torch.zeros((), device=self.device)
         for _ in range(train.accum_steps):
@@ -330,63 +330,39 @@ class _Run(TrainingSession):
             total = total + loss.detach() / train.accum_steps
         lr = self.update()
         self.advance(total)
-        return total, lr
+        return {"loss": total}, {"lr": lr}
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def train(self, progress: bool) -> None:
         """Run up to the stop iteration; test and write ``results.json`` / ``done.json`` once all are done."""
         if self.step < self.stop:
             self.paths.done.unlink(missing_ok=True)
-            self._run_iterations(progress)
+            self.run_loop(progress)
         if self.step >= self.total:
             self._finish(progress)
 
-    def _run_iterations(self, progress: bool) -> None:
-        train = self.cfg.train
-        resumed = self.step if self.saved_step >= 0 else None
-        logger = MetricsLogger(self.paths, resumed_step=resumed)
-        val_log = _ValLog(self.paths.val_metrics, resumed_step=resumed)
-        bar = tqdm(total=self.stop, initial=self.step, disable=not progress, unit="it", dynamic_ncols=True)
-        batches = self._micro_batches()
-        if self.rng_state is not None:
-            restore_rng_state(self.rng_state)
-        meter = _LossMeter(self.step)
-        session_start, elapsed_before = time.perf_counter(), self.elapsed
-        try:
-            while self.step < self.stop:
-                loss, lr = self._optimizer_step(batches)
-                meter.add(loss)
-                bar.update(1)
-                if self.step % train.log_every == 0 or self.step == self.total:
-                    self.check_finite()
-                    row = self._log_row(meter, lr)
-                    logger.write(row)
-                    self.metrics_rows = logger.rows
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
-                validated = self.step % train.val_every == 0 or self.step == self.total
-                if validated:
-                    self._validate(logger, val_log)
-                    meter.restart_clock()
-                self.elapsed = elapsed_before + time.perf_counter() - session_start
-                if self.step % train.ckpt_every == 0:
-                    self.save(numbered=True)
-                elif validated:
-                    self.save(numbered=False)
-            if self.saved_step != self.step:
-                self.save(numbered=False)
-        finally:
-            batches.close()
-            bar.close()
-            logger.close()
+    def _open_logs(self, resumed_step: int | None) -> None:
+        self.val_log = _ValLog(self.paths.val_metrics, resumed_step=resumed_step)
 
-    def _log_row(self, meter: _LossMeter, lr: float) -> dict[str, float]:
-        loss, steps, seconds = meter.collect(self.step)
+    def _after_step(self, logger: MetricsLogger, meter: IntervalMeter) -> bool:
+        """Validate every ``val_every`` iterations and at the end; a validation asks for ``last.ckpt``."""
+        if self.step % self.cfg.train.val_every != 0 and self.step != self.total:
+            return False
+        self._validate(logger, self.val_log)
+        meter.restart_clock()
+        return True
+
+    def _postfix(self, row: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}"}
+
+    def _log_row(self, meter: IntervalMeter, scalars: dict[str, Any]) -> dict[str, float]:
+        means, steps, seconds = meter.collect(self.step)
         batch_size = self.cfg.train.batch_size
         return {
             "step": self.step,
             "epoch": round(self.step * batch_size / len(self.dataset), 4),
-            "loss": loss,
-            "lr": lr,
+            "loss": means["loss"],
+            "lr": scalars["lr"],
             "img_s": steps * batch_size / max(seconds, 1e-9),
         }
 
@@ -453,32 +429,6 @@ class _Run(TrainingSession):
 def _score(miou: float | None) -> float:
     """mIoU as a comparable number (NaN / missing rank lowest)."""
     return miou if miou is not None and math.isfinite(miou) else -math.inf
-
-
-class _LossMeter:
-    """Sum of the iteration losses since the last log step, kept on the device until :meth:`collect`."""
-
-    def __init__(self, step: int):
-        self.total: torch.Tensor | None = None
-        self.count = 0
-        self.since_step = step
-        self.since_time = time.perf_counter()
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.total = loss if self.total is None else self.total + loss
-        self.count += 1
-
-    def restart_clock(self) -> None:
-        """Leave the time just spent (validation) out of the next throughput figure."""
-        self.since_time = time.perf_counter()
-
-    def collect(self, step: int) -> tuple[float, int, float]:
-        """Mean loss since the last call (one host sync), iterations and seconds; then start a new interval."""
-        mean = float(self.total) / max(self.count, 1) if self.total is not None else math.nan
-        now = time.perf_counter()
-        result = (mean, step - self.since_step, now - self.since_time)
-        self.total, self.count, self.since_step, self.since_time = None, 0, step, now
-        return result
 
 
 class _ValLog:

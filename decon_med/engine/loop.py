@@ -1,8 +1,10 @@
-"""What the pre-training and fine-tuning loops share: optimiser step, finite-loss guard and checkpoints.
+"""What the pre-training and fine-tuning loops share: the loop, optimiser step, finite-loss guard, checkpoints.
 
 A subclass sets up ``cfg``, ``paths`` (:class:`~decon_med.engine.pretrain.RunPaths`), ``device``, ``params``,
-``optimizer`` and ``lr_schedule``, calls :meth:`TrainingSession.init_session` and implements ``_state()`` (what its
-checkpoints hold). Everything else about one optimiser step and about writing checkpoints lives here.
+``optimizer``, ``lr_schedule``, ``stop`` (last step of this session) and ``total`` (last step of the schedule),
+calls :meth:`TrainingSession.init_session`, and implements ``_state()`` (what its checkpoints hold),
+``_micro_batches()``, ``_optimizer_step(batches) -> (loss parts, scalars)`` and ``_log_row(meter, scalars)``.
+:meth:`TrainingSession.run_loop` then runs the steps, logs, and writes checkpoints.
 
 Example:
     >>> class MyRun(TrainingSession):
@@ -11,13 +13,59 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from decon_med.engine.checkpoint import capture_rng_state, copy_checkpoint, save_checkpoint
+from decon_med.engine.checkpoint import capture_rng_state, copy_checkpoint, restore_rng_state, save_checkpoint
 from decon_med.errors import DeconError
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device | str, amp: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``train.amp`` (``none``, ``bf16``, ``fp16``) on ``device``."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=AMP_DTYPES[amp])
+
+
+class IntervalMeter:
+    """Sums of the loss parts since the last log step, kept on the device until :meth:`collect`.
+
+    Example:
+        >>> meter = IntervalMeter(step=0); meter.add({"loss": torch.tensor(2.0)}); meter.collect(step=1)[0]
+        {'loss': 2.0}
+    """
+
+    def __init__(self, step: int):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.since_step = step
+        self.since_time = time.perf_counter()
+
+    def add(self, parts: dict[str, torch.Tensor]) -> None:
+        for key, value in parts.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.count += 1
+
+    def restart_clock(self) -> None:
+        """Leave the time just spent (e.g. validation) out of the next throughput figure."""
+        self.since_time = time.perf_counter()
+
+    def collect(self, step: int) -> tuple[dict[str, float], int, float]:
+        """Means since the last call (one host sync), steps and seconds elapsed; then start a new interval."""
+        keys = list(self.sums)
+        values = (torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)).tolist() if keys else []
+        now = time.perf_counter()
+        result = (dict(zip(keys, values, strict=True)), step - self.since_step, now - self.since_time)
+        self.sums, self.count, self.since_step, self.since_time = {}, 0, step, now
+        return result
 
 
 class TrainingSession:
@@ -25,6 +73,8 @@ class TrainingSession:
 
     #: Word used in messages for one optimiser step ("step" or "iteration").
     unit = "step"
+    #: Unit shown by the progress bar.
+    bar_unit = "step"
 
     def init_session(self, checkpoint: dict[str, Any] | None) -> None:
         """Create the scaler and counters, then restore the shared training state from ``checkpoint``."""
@@ -95,5 +145,66 @@ class TrainingSession:
             save_checkpoint(state, self.paths.last)
         self.saved_step = self.step
 
+    def run_loop(self, progress: bool) -> None:
+        """Optimiser steps up to ``self.stop``: log every ``log_every``, checkpoint every ``ckpt_every`` and at the end."""
+        from decon_med.engine.pretrain import MetricsLogger
+
+        train = self.cfg.train
+        resumed = self.step if self.saved_step >= 0 else None
+        logger = MetricsLogger(self.paths, resumed_step=resumed)
+        self._open_logs(resumed)
+        bar = tqdm(
+            total=self.stop, initial=self.step, disable=not progress, unit=self.bar_unit, dynamic_ncols=True
+        )
+        batches = self._micro_batches()
+        if self.rng_state is not None:
+            restore_rng_state(self.rng_state)
+        meter = IntervalMeter(self.step)
+        session_start, elapsed_before = time.perf_counter(), self.elapsed
+        try:
+            while self.step < self.stop:
+                parts, scalars = self._optimizer_step(batches)
+                meter.add(parts)
+                bar.update(1)
+                if self.step % train.log_every == 0 or self.step == self.total:
+                    self.check_finite()
+                    row = self._log_row(meter, scalars)
+                    logger.write(row)
+                    self.metrics_rows = logger.rows
+                    bar.set_postfix(self._postfix(row))
+                wants_save = self._after_step(logger, meter)
+                self.elapsed = elapsed_before + time.perf_counter() - session_start
+                if self.step % train.ckpt_every == 0:
+                    self.save(numbered=True)
+                elif wants_save:
+                    self.save(numbered=False)
+            if self.saved_step != self.step:
+                self.save(numbered=False)
+        finally:
+            batches.close()
+            bar.close()
+            logger.close()
+
+    # -- hooks -------------------------------------------------------------------------------------------------------
+    def _open_logs(self, resumed_step: int | None) -> None:
+        """Open logs of the subclass's own (called once per session)."""
+
+    def _after_step(self, logger: Any, meter: IntervalMeter) -> bool:
+        """Work after a step's logging (e.g. validation); True asks for ``last.ckpt`` to be written now."""
+        return False
+
+    def _postfix(self, row: dict[str, float]) -> dict[str, str]:
+        """What the progress bar shows after a log step."""
+        return {"loss": f"{row['loss']:.4f}", "img_s": f"{row['img_s']:.1f}"}
+
     def _state(self) -> dict[str, Any]:  # pragma: no cover - provided by the subclass
         raise NotImplementedError
+
+    def _micro_batches(self) -> Iterator[dict]:  # pragma: no cover - provided by the subclass
+        raise NotImplementedError
+
+    def _optimizer_step(self, batches: Iterator[dict]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        raise NotImplementedError  # pragma: no cover - provided by the subclass
+
+    def _log_row(self, meter: IntervalMeter, scalars: dict[str, Any]) -> dict[str, float]:
+        raise NotImplementedError  # pragma: no cover - provided by the subclass

@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import random
@@ -42,15 +41,13 @@ import numpy as np
 import torch
 from monai.data import DataLoader
 from torch import nn
-from tqdm.auto import tqdm
 
 from decon_med.config import PretrainConfig, flatten, save_config, to_dict
 from decon_med.data.datasets import build_dataset, set_epoch
 from decon_med.engine.checkpoint import (
     load_checkpoint,
-    restore_rng_state,
 )
-from decon_med.engine.loop import TrainingSession
+from decon_med.engine.loop import IntervalMeter, TrainingSession, autocast
 from decon_med.engine.optim import build_optimizer, cosine_schedule, scaled_lr
 from decon_med.errors import DeconError
 
@@ -61,7 +58,6 @@ if TYPE_CHECKING:
 RESUMABLE_KEYS: tuple[str, ...] = ("train.epochs", "out_dir", "data.num_workers")
 
 #: Autocast dtype of each ``train.amp`` setting other than ``none``.
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -283,6 +279,7 @@ class _Run(TrainingSession):
         self.optimizer = build_optimizer(train, method.trainable_parameters(), base_lr)
         if checkpoint is not None:
             self._load(checkpoint)
+        self.stop, self.total = plan.stop_step, plan.total_steps
         self.init_session(checkpoint)
 
     # -- state ---------------------------------------------------------------------------------------------------
@@ -343,12 +340,6 @@ class _Run(TrainingSession):
         return out
 
     # -- one optimiser step --------------------------------------------------------------------------------------
-    def _autocast(self):
-        amp = self.cfg.train.amp
-        if amp == "none":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=AMP_DTYPES[amp])
-
     def _optimizer_step(self, batches: Iterator[dict]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Forward / backward over ``accum_steps`` micro-batches, then clip, step and ``after_step``.
 
@@ -358,7 +349,7 @@ class _Run(TrainingSession):
         parts: dict[str, torch.Tensor] = {}
         for _ in range(train.accum_steps):
             batch = self._to_device(next(batches))
-            with self._autocast():
+            with autocast(self.device, train.amp):
                 out = self.method(batch)
             self.backward(out["loss"])
             for key, value in out.items():
@@ -374,43 +365,11 @@ class _Run(TrainingSession):
         """Run up to ``plan.stop_step``; write ``done.json`` once the whole schedule is done."""
         if self.step < self.plan.stop_step:
             self.paths.done.unlink(missing_ok=True)
-            self._run_steps(progress)
+            self.run_loop(progress)
         if self.step >= self.plan.total_steps:
             self._finish()
 
-    def _run_steps(self, progress: bool) -> None:
-        plan, train = self.plan, self.cfg.train
-        logger = MetricsLogger(self.paths, resumed_step=self.step if self.saved_step >= 0 else None)
-        bar = tqdm(
-            total=plan.stop_step, initial=self.step, disable=not progress, unit="step", dynamic_ncols=True
-        )
-        batches = self._micro_batches()
-        if self.rng_state is not None:
-            restore_rng_state(self.rng_state)
-        meter = _IntervalMeter(self.step)
-        session_start, elapsed_before = time.perf_counter(), self.elapsed
-        try:
-            while self.step < plan.stop_step:
-                parts, extra = self._optimizer_step(batches)
-                meter.add(parts)
-                bar.update(1)
-                if self.step % train.log_every == 0 or self.step == plan.total_steps:
-                    self.check_finite()
-                    row = self._log_row(meter, extra)
-                    logger.write(row)
-                    self.metrics_rows = logger.rows
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_s']:.1f}")
-                self.elapsed = elapsed_before + time.perf_counter() - session_start
-                if self.step % train.ckpt_every == 0:
-                    self.save(numbered=True)
-            if self.saved_step != self.step:
-                self.save(numbered=False)
-        finally:
-            batches.close()
-            bar.close()
-            logger.close()
-
-    def _log_row(self, meter: _IntervalMeter, extra: dict[str, Any]) -> dict[str, float]:
+    def _log_row(self, meter: IntervalMeter, extra: dict[str, Any]) -> dict[str, float]:
         epoch = (self.step - 1) // self.plan.steps_per_epoch
         means, steps, seconds = meter.collect(self.step)
         means = {"loss": means.pop("loss"), **means}
@@ -431,30 +390,6 @@ class _Run(TrainingSession):
         tmp = self.paths.done.with_name("done.json.tmp")
         tmp.write_text(json.dumps(done, indent=1) + "\n")
         tmp.replace(self.paths.done)
-
-
-class _IntervalMeter:
-    """Sums of the loss parts since the last log step, kept on the device until :meth:`collect`."""
-
-    def __init__(self, step: int):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-        self.since_step = step
-        self.since_time = time.perf_counter()
-
-    def add(self, parts: dict[str, torch.Tensor]) -> None:
-        for key, value in parts.items():
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
-        self.count += 1
-
-    def collect(self, step: int) -> tuple[dict[str, float], int, float]:
-        """Means since the last call (one host sync), steps and seconds elapsed; then start a new interval."""
-        keys = list(self.sums)
-        values = (torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)).tolist()
-        now = time.perf_counter()
-        result = (dict(zip(keys, values, strict=True)), step - self.since_step, now - self.since_time)
-        self.sums, self.count, self.since_step, self.since_time = {}, 0, step, now
-        return result
 
 
 class MetricsLogger:
