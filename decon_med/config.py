@@ -30,7 +30,14 @@ Arch = Literal["unet", "fpn", "fcn"]
 Transfer = Literal["random", "encoder", "encoder_decoder"]
 Optimizer = Literal["lars", "sgd", "adamw"]
 Amp = Literal["none", "bf16", "fp16"]
-Method = Literal["slotcon", "decon_sl", "decon_ml"]
+Method = Literal["slotcon", "decon_sl", "decon_ml", "densecl", "decon_sl_densecl", "decon_ml_densecl", "mim"]
+MomentumSchedule = Literal["cosine", "constant"]
+MaskFill = Literal["token", "zero"]
+
+#: Methods that train the encoder only (alpha must be 1).
+ENCODER_ONLY_METHODS = ("slotcon", "densecl")
+#: Methods that add decoder heads to an encoder method (alpha < 1, at least one level).
+DECODER_METHODS = ("decon_sl", "decon_ml", "decon_sl_densecl", "decon_ml_densecl")
 Loss = Literal["ce", "dice_ce"]
 Select = Literal["best", "last"]
 
@@ -210,6 +217,8 @@ class TrainConfig:
         loss: fine-tuning loss: ``ce`` (cross-entropy) or ``dice_ce`` (MONAI DiceCE).
         select: fine-tuning checkpoint evaluated on test: ``best`` (highest val mIoU) or ``last``.
         poly_power: fine-tuning poly learning-rate decay power.
+        sync_bn: under torchrun, convert BatchNorm layers to SyncBatchNorm (batch statistics over all processes).
+        compile: wrap the forward pass in ``torch.compile`` (faster steps on GPU after a one-off compile).
     """
 
     batch_size: int = 16
@@ -231,6 +240,8 @@ class TrainConfig:
     loss: Loss = "ce"
     select: Select = "best"
     poly_power: float = 0.9
+    sync_bn: bool = False
+    compile: bool = False
 
     def validate(self) -> None:
         for key in ("batch_size", "epochs", "iters", "val_every", "accum_steps", "ckpt_every", "log_every"):
@@ -255,7 +266,8 @@ class SSLConfig:
 
     Attributes:
         method: ``slotcon`` (encoder only), ``decon_sl`` (one decoder level) or ``decon_ml`` (several levels,
-            deep supervision, skip channel dropout).
+            deep supervision, skip channel dropout); ``densecl``, ``decon_sl_densecl`` and ``decon_ml_densecl``
+            are the same three with DenseCL heads; ``mim`` is masked image modelling of the whole encoder-decoder.
         alpha: loss = alpha * L_enc + (1 - alpha) * L_dec; must be 1 for ``slotcon`` and < 1 with a decoder.
         levels: supervised decoder levels, 0 = coarsest decoder output; negative indices count from the finest
             (``[-1]`` = the last decoder feature map before the segmentation head).
@@ -273,6 +285,15 @@ class SSLConfig:
         group_loss_weight: weight of the grouping (self-distillation) loss vs the slot contrastive loss (0.5).
         slot_temp: temperature of the slot InfoNCE loss (0.2).
         teacher_momentum: starting EMA momentum of the teacher, raised to 1 on a cosine schedule (0.99).
+        momentum_schedule: ``cosine`` (teacher_momentum -> 1, SlotCon) or ``constant`` (DenseCL's 0.999).
+        queue_size: DenseCL: negatives kept in each queue (65536 in DenseCL, 16384 in DeCon).
+        contrast_temp: DenseCL: InfoNCE temperature of the global and dense losses (0.2).
+        dense_weight: DenseCL: lambda in ``(1 - lambda) * global + lambda * dense`` (0.5).
+        dense_warmup_steps: DenseCL: lambda is held at 0 for this many optimiser steps (small datasets need it).
+        mask_ratio: MIM: fraction of patches masked (0.75).
+        mask_patch: MIM: side of a masked patch in pixels (must divide data.image_size).
+        mask_fill: MIM: masked patches are replaced by a learnable ``token`` or by ``zero``.
+        norm_pix_loss: MIM: targets normalised per patch (mean 0, std 1) before the loss.
     """
 
     method: Method = "slotcon"
@@ -290,18 +311,27 @@ class SSLConfig:
     group_loss_weight: float = 0.5
     slot_temp: float = 0.2
     teacher_momentum: float = 0.99
+    momentum_schedule: MomentumSchedule = "cosine"
+    queue_size: int = 65536
+    contrast_temp: float = 0.2
+    dense_weight: float = 0.5
+    dense_warmup_steps: int = 1000
+    mask_ratio: float = 0.75
+    mask_patch: int = 32
+    mask_fill: MaskFill = "token"
+    norm_pix_loss: bool = False
 
     def validate(self) -> None:
         _check(0.0 <= self.alpha <= 1.0, "ssl.alpha", f"must be in [0, 1], got {self.alpha}")
-        if self.method == "slotcon":
-            _check(self.alpha == 1.0, "ssl.alpha", "must be 1 for slotcon (it has no decoder loss)")
-            _check(self.skip_dropout == 0.0, "ssl.skip_dropout", "applies only to decon_ml")
-        else:
+        if self.method in ENCODER_ONLY_METHODS:
+            _check(self.alpha == 1.0, "ssl.alpha", f"must be 1 for {self.method} (it has no decoder loss)")
+            _check(self.skip_dropout == 0.0, "ssl.skip_dropout", "applies only to methods with decoder heads")
+        elif self.method in DECODER_METHODS:
             _check(self.alpha < 1.0, "ssl.alpha", f"must be < 1 for {self.method} (1 ignores the decoder)")
             _check(len(self.levels) >= 1, "ssl.levels", "needs at least one decoder level")
             _check(len(set(self.levels)) == len(self.levels), "ssl.levels", "has repeated levels")
-        if self.method == "decon_sl":
-            _check(len(self.levels) == 1, "ssl.levels", "decon_sl supervises exactly one decoder level")
+        if self.method.startswith("decon_sl"):
+            _check(len(self.levels) == 1, "ssl.levels", f"{self.method} supervises exactly one decoder level")
         _check(
             0.0 <= self.skip_dropout < 1.0, "ssl.skip_dropout", f"must be in [0, 1), got {self.skip_dropout}"
         )
@@ -313,6 +343,12 @@ class SSLConfig:
         _check(0.0 <= self.center_momentum < 1.0, "ssl.center_momentum", "must be in [0, 1)")
         _check(0.0 <= self.group_loss_weight <= 1.0, "ssl.group_loss_weight", "must be in [0, 1]")
         _check(0.0 <= self.teacher_momentum <= 1.0, "ssl.teacher_momentum", "must be in [0, 1]")
+        _check(self.queue_size >= 1, "ssl.queue_size", "must be >= 1")
+        _check(self.contrast_temp > 0, "ssl.contrast_temp", "must be > 0")
+        _check(0.0 <= self.dense_weight <= 1.0, "ssl.dense_weight", "must be in [0, 1]")
+        _check(self.dense_warmup_steps >= 0, "ssl.dense_warmup_steps", "must be >= 0")
+        _check(0.0 < self.mask_ratio < 1.0, "ssl.mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
+        _check(self.mask_patch >= 1, "ssl.mask_patch", "must be >= 1")
 
 
 @dataclass
@@ -370,6 +406,15 @@ class PretrainConfig(Config):
     """
 
     ssl: SSLConfig = field(default_factory=SSLConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.ssl.method == "mim":
+            _check(
+                self.data.image_size % self.ssl.mask_patch == 0,
+                "ssl.mask_patch",
+                f"must divide data.image_size ({self.data.image_size}), got {self.ssl.mask_patch}",
+            )
 
 
 #: Config classes a YAML file can be read into, tried in order when the command does not name one.

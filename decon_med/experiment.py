@@ -77,7 +77,9 @@ from decon_med.config import (
 )
 from decon_med.errors import ConfigError, DataError, DeconError
 
-InitMethod = Literal["random", "slotcon", "decon_sl", "decon_ml"]
+InitMethod = Literal[
+    "random", "slotcon", "decon_sl", "decon_ml", "densecl", "decon_sl_densecl", "decon_ml_densecl", "mim"
+]
 RunStatus = Literal["done", "interrupted", "pending"]
 
 #: Fine-tuning keys that the grid sets for every run; overrides may not set them.
@@ -119,7 +121,7 @@ class InitSpec:
 
     Attributes:
         path: export folder / weights file / pre-training checkpoint, or ``null`` for a random init.
-        method: ``random`` (with ``path: null``), ``slotcon``, ``decon_sl`` or ``decon_ml``; recorded in the tables.
+        method: ``random`` (with ``path: null``) or the pre-training method (``ssl.method``); recorded in the tables.
         overrides: fine-tuning ``key=value`` overrides for this init's runs only.
         transfers: transfers for this init; ``null`` takes the experiment's ``transfers``.
     """
