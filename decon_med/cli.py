@@ -57,6 +57,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config_reference(args: argparse.Namespace) -> int:
+    from decon_med.config_reference import reference_markdown, replace_between_markers
+
+    text = reference_markdown()
+    if args.update is None:
+        print(text, end="")
+        return 0
+    path = Path(args.update)
+    try:
+        updated = replace_between_markers(path.read_text(), text)
+    except (OSError, ValueError) as exc:
+        raise DeconError(f"{path}: cannot update the config reference ({exc})") from exc
+    path.write_text(updated)
+    print(f"updated the config reference in {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="decon-med",
@@ -94,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("config-reference", help="print every config key with its type, default and meaning")
+    p.add_argument(
+        "--update", metavar="FILE", help="replace the reference between the markers in FILE instead"
+    )
+    p.set_defaults(func=_cmd_config_reference)
 
     add_train_commands(sub)
     add_finetune_commands(sub)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import typing
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from decon_med.cli_experiment import add_commands
+from decon_med.config import Method
 from decon_med.errors import ConfigError
 from decon_med.experiment import (
     PAPER_TABLE7,
@@ -383,7 +385,9 @@ def test_cli_parses_experiment_dry_run(exp_file, capsys):
     assert "9 runs" in out and "0 done, 0 interrupted, 9 pending" in out
 
 
-@pytest.mark.parametrize(("name", "count"), [("table7_isic", 63), ("table7_refuge", 63), ("demo", 30)])
+@pytest.mark.parametrize(
+    ("name", "count"), [("table7_isic", 63), ("table7_refuge", 63), ("demo", 30), ("methods_isic", 117)]
+)
 def test_shipped_experiment_configs_load_and_expand(monkeypatch, name, count):
     monkeypatch.chdir(REPO)
     cfg = load_experiment(f"configs/experiment/{name}.yaml")
@@ -396,6 +400,11 @@ def test_shipped_experiment_configs_load_and_expand(monkeypatch, name, count):
         assert {s.cfg.data.name for s in specs} == {"isic2017"}
     if name == "table7_refuge":
         assert {s.cfg.data.name for s in specs} == {"refuge"}
+    if name == "methods_isic":
+        # every pre-training method is compared, each init pointing at its own method's export
+        assert {spec.method for spec in cfg.inits.values()} == {"random", *typing.get_args(Method)}
+        for spec in cfg.inits.values():
+            assert spec.path is None or f"/{spec.method}_isic/" in spec.path
     if name == "demo":
         cfg0 = specs[0].cfg
         assert (cfg0.model.arch, cfg0.model.encoder, cfg0.data.image_size, cfg0.train.iters) == (
