@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from decon_med.config import PretrainConfig
+from decon_med.config import ENCODER_ONLY_METHODS, PretrainConfig
 from decon_med.errors import ConfigError
 from decon_med.models.network import build_network
 from decon_med.ssl.base import SSLMethod
-from decon_med.ssl.decon import DeCon
+from decon_med.ssl.decon import DeCon, HeadFactory
+from decon_med.ssl.densecl import DenseCLHead
 from decon_med.ssl.slotcon import SlotConHead
 
 
-def _slotcon_heads(cfg: PretrainConfig):
+def _slotcon_heads(cfg: PretrainConfig) -> HeadFactory:
     s = cfg.ssl
 
     def factory(in_channels: int, is_decoder: bool) -> SlotConHead:
@@ -35,18 +36,51 @@ def _slotcon_heads(cfg: PretrainConfig):
     return factory
 
 
-def _build_slotcon_family(cfg: PretrainConfig) -> SSLMethod:
+def _densecl_heads(cfg: PretrainConfig) -> HeadFactory:
     s = cfg.ssl
-    encoder_only = s.method == "slotcon"
+
+    def factory(in_channels: int, is_decoder: bool) -> DenseCLHead:
+        return DenseCLHead(
+            in_channels,
+            dim_hidden=s.dim_hidden,
+            dim_out=s.dim_out,
+            queue_size=s.queue_size,
+            temperature=s.contrast_temp,
+            dense_weight=s.dense_weight,
+            warmup_steps=s.dense_warmup_steps,
+        )
+
+    return factory
+
+
+def _build_slotcon_family(cfg: PretrainConfig) -> SSLMethod:
+    return _build_decon(cfg, _slotcon_heads(cfg))
+
+
+def _build_densecl_family(cfg: PretrainConfig) -> SSLMethod:
+    return _build_decon(cfg, _densecl_heads(cfg))
+
+
+def _build_mim(cfg: PretrainConfig) -> SSLMethod:
+    from decon_med.ssl.mim import build_mim
+
+    return build_mim(cfg)
+
+
+def _build_decon(cfg: PretrainConfig, heads: HeadFactory) -> SSLMethod:
+    """The encoder method (``slotcon`` / ``densecl``) or its DeCon variant around the heads of ``heads``."""
+    s = cfg.ssl
+    encoder_only = s.method in ENCODER_ONLY_METHODS
     return DeCon(
         build_network(cfg.model, in_channels=cfg.data.in_channels, classes=1),
-        _slotcon_heads(cfg),
+        heads,
         levels=() if encoder_only else s.levels,
         alpha=1.0 if encoder_only else s.alpha,
         skip_dropout=s.skip_dropout,
         dec_grid=s.dec_grid,
         in_channels=cfg.data.in_channels,
         teacher_momentum=s.teacher_momentum,
+        momentum_schedule=s.momentum_schedule,
     )
 
 
@@ -55,6 +89,10 @@ METHODS: dict[str, Callable[[PretrainConfig], SSLMethod]] = {
     "slotcon": _build_slotcon_family,
     "decon_sl": _build_slotcon_family,
     "decon_ml": _build_slotcon_family,
+    "densecl": _build_densecl_family,
+    "decon_sl_densecl": _build_densecl_family,
+    "decon_ml_densecl": _build_densecl_family,
+    "mim": _build_mim,
 }
 
 

@@ -30,13 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from decon_med.config import MomentumSchedule
 from decon_med.errors import ConfigError
 from decon_med.models.network import features, level_channels
 from decon_med.ssl.base import SSLMethod
 from decon_med.ssl.ema import cosine_momentum, frozen_copy, update_momentum
 
 #: Builds the head of one level: ``factory(in_channels, is_decoder) -> nn.Module``. The head is called as
-#: ``head(s1, s2, t1, t2, box1, box2, flip1, flip2) -> {"loss", parts...}`` and has ``update_teacher(momentum)``.
+#: ``head(s1, s2, t1, t2, box1, box2, flip1, flip2) -> {"loss", parts...}`` and has ``update_teacher(momentum)``
+#: (called once per optimiser step). A head whose class sets ``symmetric = False`` only uses the student map of
+#: view 1 and the teacher map of view 2 (the others are passed as ``None`` and never computed).
 HeadFactory = Callable[[int, bool], nn.Module]
 
 
@@ -51,7 +54,8 @@ class DeCon(SSLMethod):
         skip_dropout: Dropout2d probability on skip connections (student only).
         dec_grid: pool decoder levels to at most this grid (0 = no pooling).
         in_channels: input channels (to probe the level widths).
-        teacher_momentum: starting EMA momentum of the teacher.
+        teacher_momentum: EMA momentum of the teacher (the start of the cosine schedule, or the constant).
+        momentum_schedule: ``cosine`` (teacher_momentum -> 1, SlotCon) or ``constant`` (DenseCL).
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class DeCon(SSLMethod):
         dec_grid: int = 7,
         in_channels: int = 3,
         teacher_momentum: float = 0.99,
+        momentum_schedule: MomentumSchedule = "cosine",
     ):
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
@@ -77,11 +82,13 @@ class DeCon(SSLMethod):
         self.alpha = alpha
         self.dec_grid = dec_grid
         self.teacher_momentum = teacher_momentum
+        self.momentum_schedule = momentum_schedule
         self.network = network
         self.teacher = frozen_copy(network)
         self.enc_head = head_factory(enc_channels[-1], False)
         self.dec_heads = nn.ModuleList(head_factory(dec_channels[level], True) for level in self.levels)
         self.skip_dropout = nn.Dropout2d(skip_dropout) if skip_dropout > 0 else None
+        self.symmetric = all(getattr(h, "symmetric", True) for h in (self.enc_head, *self.dec_heads))
 
     @property
     def uses_decoder(self) -> bool:
@@ -91,23 +98,33 @@ class DeCon(SSLMethod):
         views = (batch["view1"], batch["view2"])
         geometry = (batch["box1"], batch["box2"], batch["flip1"], batch["flip2"])
         decoder = self.uses_decoder
-        student = [features(self.network, v, self.skip_dropout, decoder=decoder) for v in views]
+        # An asymmetric head needs the student on view 1 and the teacher on view 2 only.
+        student = [
+            features(self.network, v, self.skip_dropout, decoder=decoder)
+            if self.symmetric or i == 0
+            else None
+            for i, v in enumerate(views)
+        ]
         with torch.no_grad():
-            teacher = [features(self.teacher, v, None, decoder=decoder) for v in views]
+            teacher = [
+                features(self.teacher, v, None, decoder=decoder) if self.symmetric or i == 1 else None
+                for i, v in enumerate(views)
+            ]
+
+        def maps(part: int, level: int) -> list[torch.Tensor | None]:
+            """Student view 1, view 2, teacher view 1, view 2 of one level (``None`` where not computed)."""
+            return [None if f is None else f[part][level] for f in (*student, *teacher)]
 
         out: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=views[0].device)
         if self.alpha > 0:
-            enc = self.enc_head(
-                student[0][0][-1], student[1][0][-1], teacher[0][0][-1], teacher[1][0][-1], *geometry
-            )
+            enc = self.enc_head(*maps(0, -1), *geometry)
             loss = loss + self.alpha * enc["loss"]
             out.update(_parts("enc", enc))
         if decoder:
             level_losses = []
             for level, head in zip(self.levels, self.dec_heads, strict=True):
-                maps = [self._pool(f[1][level]) for f in (*student, *teacher)]
-                dec = head(*maps, *geometry)
+                dec = head(*(None if m is None else self._pool(m) for m in maps(1, level)), *geometry)
                 level_losses.append(dec["loss"])
                 out.update(_parts(f"dec{level}", dec))
             dec_loss = torch.stack(level_losses).mean()
@@ -119,7 +136,10 @@ class DeCon(SSLMethod):
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> dict[str, float]:
         """EMA update of the teacher network and of every head's teacher layers."""
-        momentum = cosine_momentum(step, total_steps, start=self.teacher_momentum)
+        if self.momentum_schedule == "constant":
+            momentum = self.teacher_momentum
+        else:
+            momentum = cosine_momentum(step, total_steps, start=self.teacher_momentum)
         update_momentum(self.network, self.teacher, momentum)
         for head in (self.enc_head, *self.dec_heads):
             head.update_teacher(momentum)

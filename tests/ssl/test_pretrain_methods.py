@@ -25,6 +25,13 @@ def cfg_for(isic, out, method: str) -> PretrainConfig:
     extra = {
         "slotcon": [],
         "decon_ml": ["ssl.alpha=0.25", "ssl.levels=[0, 2, 4]", "ssl.skip_dropout=0.5"],
+        "decon_sl_densecl": [
+            "ssl.alpha=0.5",
+            "ssl.queue_size=6",  # 6 keys per step in a queue of 6: every step wraps
+            "ssl.dense_warmup_steps=2",
+            "ssl.momentum_schedule=constant",
+            "ssl.teacher_momentum=0.999",
+        ],
     }[method]
     return load_config(
         None,
@@ -46,7 +53,7 @@ def cfg_for(isic, out, method: str) -> PretrainConfig:
     )
 
 
-@pytest.mark.parametrize("method", ["slotcon", "decon_ml"])
+@pytest.mark.parametrize("method", ["slotcon", "decon_ml", "decon_sl_densecl"])
 def test_kill_and_resume_equals_uninterrupted_run(isic, tmp_path, method):
     full = pretrain(cfg_for(isic, tmp_path / "full", method), progress=False)
     cut_cfg = cfg_for(isic, tmp_path / "cut", method)
