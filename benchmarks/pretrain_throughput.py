@@ -1,14 +1,17 @@
-"""Pre-training throughput: images/s and peak memory of each method, and of the data loader alone.
+"""Pre-training throughput: images/s and peak memory of each method, the effect of each speed lever, and the loader.
 
-Each image's two views count once. The model part runs on random tensors (no disk), one optimiser step per
-iteration (forward, backward, SGD step, teacher EMA); the loader part decodes and augments synthetic ISIC-like
-images in the official layout with N workers.
+Each image's two views count once. The model part runs the method exactly as the engine does (the shipped
+``configs/pretrain/<method>.yaml`` with the sizes given here, the config's own optimiser, autocast, accumulation,
+channels-last, optional ``torch.compile``, teacher EMA) on random tensors, so the figures are the model's alone.
+The loader part decodes and augments synthetic ISIC-like JPEGs (official layout) into two views with N workers.
+The lever ladder switches the levers on one after the other for one method and batch size.
 
 Usage:
-    python benchmarks/pretrain_throughput.py --device cpu --encoder resnet18 --size 64 --batch-sizes 8 \
-        --steps 5 --json runs/bench/cpu.json
-    python benchmarks/pretrain_throughput.py --device cuda --encoder resnet50 --size 224 --amp bf16 \
-        --batch-sizes 64 128 256 --loader-workers 8
+    # one GPU, the paper's network (ResNet-50 U-Net at 224 px, bf16, channels-last)
+    python benchmarks/pretrain_throughput.py --profile gpu --batch-sizes 64 128 256 --levers \
+        --loader-workers 8 16 --json benchmarks/results/bench_h100.json
+    # CPU, tiny network
+    python benchmarks/pretrain_throughput.py --profile cpu --json benchmarks/results/bench_cpu.json
 """
 
 from __future__ import annotations
@@ -23,36 +26,63 @@ from pathlib import Path
 import torch
 
 from decon_med.config import PretrainConfig, load_config
+from decon_med.engine.loop import autocast
+from decon_med.engine.optim import build_optimizer, scaled_lr
 from decon_med.ssl import build_method
 
-METHODS = {
-    "slotcon": ["ssl.method=slotcon"],
-    "decon_sl": ["ssl.method=decon_sl", "ssl.alpha=0.5", "ssl.levels=[-1]"],
-    "decon_ml": [
-        "ssl.method=decon_ml",
-        "ssl.alpha=0.0",
-        "ssl.levels=[0, 1, 2, 3, 4]",
-        "ssl.skip_dropout=0.5",
-    ],
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
+
+#: Methods measured by default, each from its shipped config.
+METHODS = ["slotcon", "decon_sl", "decon_ml", "densecl", "decon_sl_densecl", "mim"]
+
+#: Settings of the two profiles; command-line options override them.
+PROFILES = {
+    "gpu": {
+        "encoder": "resnet50",
+        "size": 224,
+        "amp": "bf16",
+        "channels_last": True,
+        "batch_sizes": [64, 128],
+    },
+    "cpu": {"encoder": "resnet18", "size": 64, "amp": "none", "channels_last": False, "batch_sizes": [16]},
 }
 
+#: The lever ladder: each rung adds one lever to the previous rung.
+LEVERS = [
+    ("fp32", {"amp": "none", "channels_last": False, "compile": False}),
+    ("+ bf16 autocast", {"amp": "bf16"}),
+    ("+ channels_last", {"channels_last": True}),
+    ("+ torch.compile", {"compile": True}),
+]
 
-def method_config(method: str, args: argparse.Namespace) -> PretrainConfig:
+
+def method_config(method: str, args: argparse.Namespace, batch_size: int, setting: dict) -> PretrainConfig:
+    """The shipped config of ``method`` at the benchmark's network size and settings."""
     overrides = [
         f"model.encoder={args.encoder}",
         f"model.arch={args.arch}",
         f"data.image_size={args.size}",
-        f"ssl.dim_hidden={args.dim_hidden}",
-        f"ssl.dec_grid={args.dec_grid}",
-        *METHODS[method],
+        f"train.batch_size={batch_size}",
+        f"train.accum_steps={args.accum_steps}",
+        f"train.amp={setting['amp']}",
+        f"train.channels_last={str(setting['channels_last']).lower()}",
+        f"train.compile={str(setting['compile']).lower()}",
     ]
-    return load_config(None, overrides, schema=PretrainConfig)
+    if args.dim_hidden is not None:
+        overrides.append(f"ssl.dim_hidden={args.dim_hidden}")
+    if args.dec_grid is not None:
+        overrides.append(f"ssl.dec_grid={args.dec_grid}")
+    if args.queue_size is not None:
+        overrides.append(f"ssl.queue_size={args.queue_size}")
+    return load_config(CONFIGS / f"{method}.yaml", overrides, schema=PretrainConfig)
 
 
-def random_batch(batch_size: int, size: int, device: torch.device) -> dict:
+def random_batch(batch_size: int, size: int, device: torch.device, channels_last: bool) -> dict:
+    """Two random views with fixed overlap boxes and flips, shaped like a pre-training batch."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     return {
-        "view1": torch.randn(batch_size, 3, size, size, device=device),
-        "view2": torch.randn(batch_size, 3, size, size, device=device),
+        "view1": torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=fmt),
+        "view2": torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=fmt),
         "box1": torch.tensor([[0.1, 0.1, 0.9, 0.9]], device=device).repeat(batch_size, 1),
         "box2": torch.tensor([[0.0, 0.2, 0.8, 1.0]], device=device).repeat(batch_size, 1),
         "flip1": torch.zeros(batch_size, dtype=torch.bool, device=device),
@@ -60,21 +90,31 @@ def random_batch(batch_size: int, size: int, device: torch.device) -> dict:
     }
 
 
-def measure_method(method_name: str, batch_size: int, args: argparse.Namespace) -> dict:
+def measure_method(method_name: str, batch_size: int, args: argparse.Namespace, setting: dict) -> dict:
+    """Images/s, step time and peak memory of optimiser steps of one method (two views per image)."""
     device = torch.device(args.device)
+    cfg = method_config(method_name, args, batch_size, setting)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the previous measurement's tensors are gone by now
     torch.manual_seed(0)
-    method = build_method(method_config(method_name, args)).to(device).train()
-    optimizer = torch.optim.SGD([p for _, p in method.trainable_parameters()], lr=0.01, momentum=0.9)
-    batch = random_batch(batch_size, args.size, device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    method = build_method(cfg).to(device).train()
+    if setting["channels_last"]:
+        method.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(
+        cfg.train, method.trainable_parameters(), scaled_lr(cfg.train.lr, batch_size, world_size=1)
+    )
+    forward = torch.compile(method, backend=args.compile_backend) if setting["compile"] else method
+    micro = batch_size // args.accum_steps
+    batch = random_batch(micro, args.size, device, setting["channels_last"])
 
     def step(i: int) -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = method(batch)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for _ in range(args.accum_steps):
+            with autocast(device, setting["amp"]):
+                loss = forward(batch)["loss"]
+            (loss / args.accum_steps).backward()
         optimizer.step()
-        method.after_step(i, 1000)
+        optimizer.zero_grad(set_to_none=True)
+        method.after_step(i, 10_000)
 
     for i in range(args.warmup):
         step(i)
@@ -83,7 +123,7 @@ def measure_method(method_name: str, batch_size: int, args: argparse.Namespace) 
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for i in range(args.steps):
-        step(i)
+        step(args.warmup + i)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -91,13 +131,16 @@ def measure_method(method_name: str, batch_size: int, args: argparse.Namespace) 
     return {
         "method": method_name,
         "batch_size": batch_size,
+        "accum_steps": args.accum_steps,
+        **setting,
         "img_per_s": batch_size * args.steps / seconds,
         "step_s": seconds / args.steps,
         "peak_mem_gib": peak,
     }
 
 
-def measure_loader(args: argparse.Namespace) -> dict:
+def measure_loader(args: argparse.Namespace, workers: int) -> dict:
+    """Decode + two-view augmentation throughput of the pre-training dataset with ``workers`` processes."""
     from decon_med.data.datasets import build_dataset, build_loader
     from decon_med.data.synthetic import make_isic
 
@@ -109,70 +152,112 @@ def measure_loader(args: argparse.Namespace) -> dict:
                 "data.name=isic2017",
                 f"data.root={Path(tmp) / 'isic'}",
                 f"data.image_size={args.size}",
-                f"data.num_workers={args.loader_workers}",
+                f"data.num_workers={workers}",
             ],
             schema=PretrainConfig,
         )
         ds = build_dataset(cfg, "train", "pretrain")
         bs = min(args.batch_sizes[0], len(ds))
-        loader = build_loader(
-            ds, batch_size=bs, shuffle=True, num_workers=args.loader_workers, drop_last=True
-        )
+        loader = build_loader(ds, batch_size=bs, shuffle=True, num_workers=workers, drop_last=True)
         start = time.perf_counter()
         n = sum(len(batch["id"]) for batch in loader)
         seconds = time.perf_counter() - start
-    return {"loader_workers": args.loader_workers, "images": n, "img_per_s": n / seconds}
+    return {"loader_workers": workers, "images": n, "img_per_s": n / seconds}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=list(PROFILES), default=None, help="defaults for gpu or cpu")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--arch", default="unet")
+    parser.add_argument("--encoder", default=None)
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--accum-steps", type=int, default=1, help="micro-batches per step (memory lever)")
+    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default=None)
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the method's forward")
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (eager: trace only)"
+    )
+    parser.add_argument("--dim-hidden", type=int, default=None, help="ssl.dim_hidden (default: the config's)")
+    parser.add_argument("--dec-grid", type=int, default=None, help="ssl.dec_grid (default: the config's)")
+    parser.add_argument("--queue-size", type=int, default=None, help="ssl.queue_size (default: the config's)")
+    parser.add_argument("--levers", action="store_true", help="also run the lever ladder")
+    parser.add_argument("--lever-method", default="decon_ml", help="method of the lever ladder")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--loader-workers", type=int, nargs="*", default=[2], help="worker counts to measure")
+    parser.add_argument("--loader-images", type=int, default=64)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    profile = PROFILES[args.profile or ("gpu" if torch.cuda.is_available() else "cpu")]
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for key in ("encoder", "size", "amp", "channels_last", "batch_sizes"):
+        if getattr(args, key) is None:
+            setattr(args, key, profile[key])
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--arch", default="unet")
-    parser.add_argument("--encoder", default="resnet50")
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--dim-hidden", type=int, default=4096)
-    parser.add_argument(
-        "--dec-grid", type=int, default=7, help="ssl.dec_grid (decoder levels pooled to this grid)"
-    )
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64])
-    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--loader-workers", type=int, default=0)
-    parser.add_argument("--loader-images", type=int, default=32)
-    parser.add_argument("--no-loader", action="store_true", help="skip the data-loader measurement")
-    parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    setting = {"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile}
+    rows = []
+    for bs in args.batch_sizes:
+        batch_rows = [measure_method(m, bs, args, setting) for m in args.methods]
+        base = next((r for r in batch_rows if r["method"] == "slotcon"), None)
+        for r in batch_rows:
+            r["vs_slotcon"] = r["step_s"] / base["step_s"] if base else None
+        rows += batch_rows
+    levers = []
+    if args.levers:
+        rung: dict = {}
+        for name, change in LEVERS:
+            rung = {**rung, **change}
+            row = measure_method(args.lever_method, args.batch_sizes[0], args, rung)
+            levers.append({"lever": name, **row})
+    loaders = [measure_loader(args, w) for w in args.loader_workers]
 
-    rows = [measure_method(m, bs, args) for bs in args.batch_sizes for m in args.methods]
-    loader = None if args.no_loader else measure_loader(args)
     device_name = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     )
     print(
-        f"device {device_name}, {args.arch}-{args.encoder} @ {args.size}px, amp {args.amp}, torch {torch.__version__}"
+        f"device {device_name}, {args.arch}-{args.encoder} @ {args.size}px, amp {args.amp}, "
+        f"channels_last {args.channels_last}, compile {args.compile}, accum {args.accum_steps}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    print(f"{'method':<10} {'batch':>6} {'img/s':>9} {'step s':>8} {'peak GiB':>9}")
+    print(f"{'method':<18} {'batch':>6} {'img/s':>9} {'step s':>8} {'x SlotCon':>10} {'peak GiB':>9}")
     for r in rows:
-        peak = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
-        print(f"{r['method']:<10} {r['batch_size']:>6} {r['img_per_s']:>9.1f} {r['step_s']:>8.3f} {peak:>9}")
-    if loader:
+        print(
+            f"{r['method']:<18} {r['batch_size']:>6} {r['img_per_s']:>9.1f} {r['step_s']:>8.3f} "
+            f"{_fmt(r['vs_slotcon'], '.2f'):>10} {_fmt(r['peak_mem_gib'], '.1f'):>9}"
+        )
+    if levers:
+        print(f"\nlever ladder ({args.lever_method}, batch {args.batch_sizes[0]}):")
+        for r in levers:
+            print(f"  {r['lever']:<18} {r['img_per_s']:>9.1f} img/s {_fmt(r['peak_mem_gib'], '.1f'):>7} GiB")
+    for loader in loaders:
         print(
             f"loader: {loader['img_per_s']:.1f} img/s with {loader['loader_workers']} workers (decode + two views)"
         )
     result = {
         "device": device_name,
         "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
         "args": vars(args),
         "methods": rows,
-        "loader": loader,
-        "torch": torch.__version__,
+        "levers": levers,
+        "loaders": loaders,
     }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 if __name__ == "__main__":

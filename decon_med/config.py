@@ -293,7 +293,7 @@ class SSLConfig:
         mask_ratio: MIM: fraction of patches masked (0.75).
         mask_patch: MIM: side of a masked patch in pixels (must divide data.image_size).
         mask_fill: MIM: masked patches are replaced by a learnable ``token`` or by ``zero``.
-        norm_pix_loss: MIM: targets normalised per patch (mean 0, std 1) before the loss.
+        norm_pix_loss: MIM: targets normalised per patch (mean 0, std 1) before the loss (MAE: better features).
     """
 
     method: Method = "slotcon"
@@ -319,7 +319,7 @@ class SSLConfig:
     mask_ratio: float = 0.75
     mask_patch: int = 32
     mask_fill: MaskFill = "token"
-    norm_pix_loss: bool = False
+    norm_pix_loss: bool = True
 
     def validate(self) -> None:
         _check(0.0 <= self.alpha <= 1.0, "ssl.alpha", f"must be in [0, 1], got {self.alpha}")

@@ -14,33 +14,40 @@ def _load(name: str):
     return module
 
 
-def test_pretrain_throughput_runs_on_cpu(tmp_path, capsys):
+TINY = ["--profile", "cpu", "--device", "cpu", "--size", "64", "--batch-sizes", "4", "--steps", "1"]
+TINY += ["--warmup", "0", "--dim-hidden", "32", "--queue-size", "64", "--loader-images", "8"]
+
+
+def test_pretrain_throughput_measures_every_method_and_the_loader(tmp_path, capsys):
     bench = _load("pretrain_throughput")
     out = tmp_path / "bench.json"
+    result = bench.main([*TINY, "--loader-workers", "0", "--json", str(out)])
+    assert [r["method"] for r in result["methods"]] == bench.METHODS
+    for row in result["methods"]:
+        assert row["img_per_s"] > 0 and row["batch_size"] == 4 and row["peak_mem_gib"] is None
+        assert row["amp"] == "none" and row["channels_last"] is False
+    slotcon = result["methods"][0]
+    assert slotcon["vs_slotcon"] == 1.0
+    assert result["loaders"] == [
+        {"loader_workers": 0, "images": 8, "img_per_s": result["loaders"][0]["img_per_s"]}
+    ]
+    assert json.loads(out.read_text())["methods"][1]["method"] == "decon_sl"
+    printed = capsys.readouterr().out
+    assert "decon_sl_densecl" in printed and "loader:" in printed
+
+
+def test_lever_ladder_and_accumulation(tmp_path):
+    bench = _load("pretrain_throughput")
     result = bench.main(
-        [
-            "--device",
-            "cpu",
-            "--encoder",
-            "resnet18",
-            "--size",
-            "64",
-            "--batch-sizes",
-            "4",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--dim-hidden",
-            "64",
-            "--loader-images",
-            "8",
-            "--json",
-            str(out),
-        ]
+        [*TINY, "--methods", "slotcon", "--accum-steps", "2", "--levers", "--lever-method", "slotcon"]
+        + ["--compile-backend", "eager"]
+        + ["--loader-workers"]
     )
-    assert [r["method"] for r in result["methods"]] == ["slotcon", "decon_sl", "decon_ml"]
-    assert all(r["img_per_s"] > 0 and r["batch_size"] == 4 for r in result["methods"])
-    assert result["loader"]["images"] == 8 and result["loader"]["img_per_s"] > 0
-    assert json.loads(out.read_text())["methods"][0]["method"] == "slotcon"
-    assert "decon_ml" in capsys.readouterr().out
+    assert result["methods"][0]["accum_steps"] == 2
+    names = [r["lever"] for r in result["levers"]]
+    assert names == [name for name, _ in bench.LEVERS]
+    # each rung keeps the levers of the rungs before it
+    last = result["levers"][-1]
+    assert last["amp"] == "bf16" and last["channels_last"] is True and last["compile"] is True
+    assert result["levers"][1]["amp"] == "bf16" and result["levers"][1]["channels_last"] is False
+    assert result["loaders"] == []

@@ -32,6 +32,7 @@ def cfg_for(isic, out, method: str) -> PretrainConfig:
             "ssl.momentum_schedule=constant",
             "ssl.teacher_momentum=0.999",
         ],
+        "mim": ["ssl.mask_patch=16", "train.optimizer=adamw", "train.lr=0.001"],
     }[method]
     return load_config(
         None,
@@ -53,7 +54,7 @@ def cfg_for(isic, out, method: str) -> PretrainConfig:
     )
 
 
-@pytest.mark.parametrize("method", ["slotcon", "decon_ml", "decon_sl_densecl"])
+@pytest.mark.parametrize("method", ["slotcon", "decon_ml", "decon_sl_densecl", "mim"])
 def test_kill_and_resume_equals_uninterrupted_run(isic, tmp_path, method):
     full = pretrain(cfg_for(isic, tmp_path / "full", method), progress=False)
     cut_cfg = cfg_for(isic, tmp_path / "cut", method)
