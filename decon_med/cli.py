@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from decon_med import __version__
+from decon_med import __version__, distributed
 from decon_med.cli_experiment import add_commands as add_experiment_commands
 from decon_med.cli_finetune import add_commands as add_finetune_commands
 from decon_med.cli_predict import add_commands as add_predict_commands
@@ -53,7 +54,7 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from decon_med.demo import run_demo
 
-    run_demo(Path(args.out), n=args.n, seed=args.seed, progress=not args.quiet)
+    run_demo(Path(args.out), n=args.n, seed=args.seed, progress=not args.quiet, quick=args.quick)
     return 0
 
 
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="synthetic data -> SlotCon / DeCon-ML pre-training -> low-label fine-tuning grid -> mIoU table",
     )
     p.add_argument("--out", default="runs/demo", help="demo folder")
+    p.add_argument("--quick", action="store_true", help="a one-minute version: 12 images, 1 epoch, 10 runs")
     p.add_argument("--n", type=int, default=24, help="number of synthetic training images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -129,9 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``decon-med`` script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with distributed.process_group():  # only under torchrun
+            return args.func(args)
     except DeconError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        prefix = f"[rank {os.environ.get('RANK', '?')}] " if distributed.launched_by_torchrun() else ""
+        print(f"{prefix}error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -20,12 +20,15 @@ EVALUATE_OVERRIDES = ("data.root", "data.num_workers")
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from decon_med.config import FinetuneConfig, load_config
+    from decon_med.distributed import is_main_process
     from decon_med.engine.finetune import finetune, read_results
 
     cfg = load_config(args.config, args.overrides, schema=FinetuneConfig)
     run = finetune(
         cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, max_iters=args.max_iters
     )
+    if not is_main_process():
+        return 0
     if not (run / "done.json").is_file():
         print(f"fine-tuning stopped; continue it with --resume ({run / 'last.ckpt'})")
         return 0

@@ -14,6 +14,7 @@ import argparse
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from decon_med.config import PretrainConfig, load_config
+    from decon_med.distributed import is_main_process
     from decon_med.engine.pretrain import pretrain
 
     cfg = load_config(args.config, args.overrides, schema=PretrainConfig)
@@ -22,7 +23,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     )
     done = run / "done.json"
     state = "finished" if done.is_file() else f"stopped; continue it with --resume ({run / 'last.ckpt'})"
-    print(f"pre-training {state}: run folder {run}")
+    if is_main_process():
+        print(f"pre-training {state}: run folder {run}")
     return 0
 
 

@@ -6,7 +6,8 @@
    (``configs/experiment/demo.yaml``) and prints the Table-7-style summary.
 
 Everything lands in one folder (default ``runs/demo``), which the notebooks read. Re-running reuses what is
-finished.
+finished. ``quick=True`` (``decon-med demo --quick``) runs the same steps in about a minute: 12 images, one
+pre-training epoch and a 10-run grid (25 / 100 % labels, one seed, 4 iterations per run).
 
 Example:
     >>> run_demo(Path("runs/demo"))
@@ -59,11 +60,21 @@ METHOD_OVERRIDES = {
 }
 
 
-def demo_pretrain_config(out: Path, method: str, data_root: Path) -> PretrainConfig:
+#: What ``quick=True`` changes: pre-training overrides and experiment keys.
+QUICK_PRETRAIN = ["train.epochs=1", "train.batch_size=4", "train.log_every=1"]
+QUICK_GRID = {
+    "fractions": [0.25, 1.0],
+    "seeds": [0],
+    "overrides": ["train.iters=4", "train.val_every=2", "train.log_every=2", "train.ckpt_every=4"],
+}
+
+
+def demo_pretrain_config(out: Path, method: str, data_root: Path, quick: bool = False) -> PretrainConfig:
     """The tiny pre-training config of one demo method."""
     overrides = [
         *PRETRAIN_OVERRIDES,
         *METHOD_OVERRIDES[method],
+        *(QUICK_PRETRAIN if quick else []),
         f"data.root={data_root}",
         f"out_dir={out / 'pretrain' / method}",
     ]
@@ -84,14 +95,16 @@ def prepare_data(out: Path, n: int = 24, seed: int = 0) -> Path:
     return root
 
 
-def pretrain_and_export(out: Path, data_root: Path, progress: bool = True) -> dict[str, Path]:
+def pretrain_and_export(
+    out: Path, data_root: Path, progress: bool = True, quick: bool = False
+) -> dict[str, Path]:
     """Pre-train each demo method (resuming or reusing a finished run) and export its weights."""
     from decon_med.engine.export import export
     from decon_med.engine.pretrain import pretrain
 
     exports = {}
     for method in METHOD_OVERRIDES:
-        cfg = demo_pretrain_config(out, method, data_root)
+        cfg = demo_pretrain_config(out, method, data_root, quick=quick)
         run = Path(cfg.out_dir)
         if not (run / "done.json").is_file():
             print(f"pre-training {method} ...")
@@ -103,8 +116,8 @@ def pretrain_and_export(out: Path, data_root: Path, progress: bool = True) -> di
     return exports
 
 
-def demo_experiment(out: Path, data_root: Path, exports: dict[str, Path]):
-    """``configs/experiment/demo.yaml`` with every path pointed into ``out``."""
+def demo_experiment(out: Path, data_root: Path, exports: dict[str, Path], quick: bool = False):
+    """``configs/experiment/demo.yaml`` with every path pointed into ``out`` (reduced by ``quick``)."""
     from decon_med.experiment import experiment_from_dict
 
     path = CONFIGS / "experiment" / "demo.yaml"
@@ -118,19 +131,24 @@ def demo_experiment(out: Path, data_root: Path, exports: dict[str, Path]):
     for label, export_dir in exports.items():
         raw["inits"][label]["path"] = str(export_dir)
     raw["out_dir"] = str(out / "experiment")
+    if quick:
+        raw["fractions"], raw["seeds"] = QUICK_GRID["fractions"], QUICK_GRID["seeds"]
+        raw["overrides"] += QUICK_GRID["overrides"]
     cfg = experiment_from_dict(raw)
     cfg.validate()
     return cfg
 
 
-def run_demo(out: Path, n: int = 24, seed: int = 0, progress: bool = True) -> dict[str, Path]:
+def run_demo(
+    out: Path, n: int = 24, seed: int = 0, progress: bool = True, quick: bool = False
+) -> dict[str, Path]:
     """Data -> SlotCon and DeCon-ML pre-training -> the fine-tuning grid -> summary tables, all under ``out``."""
     from decon_med.experiment import run_experiment
 
     start = time.time()
     out = Path(out)
-    data_root = prepare_data(out, n=n, seed=seed)
-    exports = pretrain_and_export(out, data_root, progress=progress)
-    paths = run_experiment(demo_experiment(out, data_root, exports), progress=progress)
+    data_root = prepare_data(out, n=min(n, 12) if quick else n, seed=seed)
+    exports = pretrain_and_export(out, data_root, progress=progress, quick=quick)
+    paths = run_experiment(demo_experiment(out, data_root, exports, quick=quick), progress=progress)
     print(f"demo finished in {time.time() - start:.0f} s; results in {out / 'experiment'}")
     return paths

@@ -50,6 +50,7 @@ from monai.data import DataLoader
 from torch import nn
 from torch.utils.data import Dataset
 
+from decon_med import distributed
 from decon_med.config import FinetuneConfig, save_config
 from decon_med.data.datasets import build_dataset, set_epoch
 from decon_med.data.layouts import get_layout, num_classes
@@ -142,9 +143,10 @@ def finetune(
     classes = num_classes(cfg.data)
     network, report = _initial_network(cfg, classes, fresh=checkpoint is None)
     run = _Run(cfg, paths, network, classes, dataset, checkpoint, max_iters)
-    save_config(cfg, paths.config)
-    write_split(subset, paths.train_ids, fraction=cfg.fraction, seed=cfg.seed, n_total=len(all_train))
-    if report is not None:
+    if distributed.is_main_process():
+        save_config(cfg, paths.config)
+        write_split(subset, paths.train_ids, fraction=cfg.fraction, seed=cfg.seed, n_total=len(all_train))
+    if report is not None and distributed.is_main_process():
         write_json(paths.init_report, report)
         if progress:  # a grid of runs keeps its output to one line per run; the report is in the run folder
             print(format_report(report))
@@ -252,7 +254,7 @@ class _Run(TrainingSession):
         max_iters: int | None,
     ):
         self.cfg, self.paths, self.classes, self.dataset = cfg, paths, classes, dataset
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = distributed.device()
         train = cfg.train
         self.total = train.iters
         self.stop = train.iters if max_iters is None else min(train.iters, max_iters)
@@ -268,6 +270,7 @@ class _Run(TrainingSession):
         self.last_val: dict[str, Any] | None = None
         if checkpoint is not None:
             self._load(checkpoint)
+        self.wrap_model(self.network)
         self.init_session(checkpoint)
 
     # -- state ---------------------------------------------------------------------------------------------------
@@ -290,7 +293,7 @@ class _Run(TrainingSession):
             val=self.last_val,
             best=self.best,
             n_train=len(self.dataset),
-            data_position=self.step * self.cfg.train.batch_size,
+            data_position=self.step * self.cfg.train.batch_size * distributed.world_size(),
             **self.training_state(),
         )
 
@@ -301,7 +304,7 @@ class _Run(TrainingSession):
         loader = DataLoader(
             PassStream(self.dataset, seed),
             batch_size=batch_size // self.cfg.train.accum_steps,
-            sampler=range(self.step * batch_size, self.stop * batch_size),
+            sampler=distributed.shard_batches(self.step, self.stop, batch_size),
             shuffle=False,
             num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
@@ -321,12 +324,13 @@ class _Run(TrainingSession):
         """Forward / backward over ``accum_steps`` micro-batches, then clip and step; returns ({loss}, {lr})."""
         train = self.cfg.train
         total = torch.zeros((), device=self.device)
-        for _ in range(train.accum_steps):
+        for index in range(train.accum_steps):
             images, labels = self._inputs(next(batches))
-            with autocast(self.device, train.amp):
-                logits = self.network(images)
-            loss = self.loss_fn(logits.float(), labels)
-            self.backward(loss)
+            with self.micro_batch_context(index):
+                with autocast(self.device, train.amp):
+                    logits = self.model(images)
+                loss = self.loss_fn(logits.float(), labels)
+                self.backward(loss)
             total = total + loss.detach() / train.accum_steps
         lr = self.update()
         self.advance(total)
@@ -336,19 +340,25 @@ class _Run(TrainingSession):
     def train(self, progress: bool) -> None:
         """Run up to the stop iteration; test and write ``results.json`` / ``done.json`` once all are done."""
         if self.step < self.stop:
-            self.paths.done.unlink(missing_ok=True)
+            if distributed.is_main_process():
+                self.paths.done.unlink(missing_ok=True)
             self.run_loop(progress)
-        if self.step >= self.total:
+        if self.step >= self.total and distributed.is_main_process():
             self._finish(progress)
+        distributed.barrier()
 
     def _open_logs(self, resumed_step: int | None) -> None:
-        self.val_log = _ValLog(self.paths.val_metrics, resumed_step=resumed_step)
+        if distributed.is_main_process():
+            self.val_log = _ValLog(self.paths.val_metrics, resumed_step=resumed_step)
 
     def _after_step(self, logger: MetricsLogger, meter: IntervalMeter) -> bool:
-        """Validate every ``val_every`` iterations and at the end; a validation asks for ``last.ckpt``."""
+        """Validate every ``val_every`` iterations and at the end (rank 0; the others wait at the next gradient
+        synchronisation); a validation asks for ``last.ckpt``."""
         if self.step % self.cfg.train.val_every != 0 and self.step != self.total:
             return False
-        self._validate(logger, self.val_log)
+        self.check_finite()  # on every rank: it is a collective under torchrun
+        if distributed.is_main_process():
+            self._validate(logger, self.val_log)
         meter.restart_clock()
         return True
 
@@ -357,7 +367,7 @@ class _Run(TrainingSession):
 
     def _log_row(self, meter: IntervalMeter, scalars: dict[str, Any]) -> dict[str, float]:
         means, steps, seconds = meter.collect(self.step)
-        batch_size = self.cfg.train.batch_size
+        batch_size = self.cfg.train.batch_size * distributed.world_size()
         return {
             "step": self.step,
             "epoch": round(self.step * batch_size / len(self.dataset), 4),
@@ -368,7 +378,6 @@ class _Run(TrainingSession):
 
     def _validate(self, logger: MetricsLogger, val_log: _ValLog) -> None:
         """Score the val split; keep ``best.ckpt`` when it is the best so far (strictly: ties keep the earlier)."""
-        self.check_finite()
         metrics = validate(self.network, self.cfg, self.classes)
         self.last_val = {"iter": self.step, "metrics": metrics}
         val_log.write(self.step, metrics)

@@ -2,9 +2,14 @@
 
 A subclass sets up ``cfg``, ``paths`` (:class:`~decon_med.engine.pretrain.RunPaths`), ``device``, ``params``,
 ``optimizer``, ``lr_schedule``, ``stop`` (last step of this session) and ``total`` (last step of the schedule),
-calls :meth:`TrainingSession.init_session`, and implements ``_state()`` (what its checkpoints hold),
-``_micro_batches()``, ``_optimizer_step(batches) -> (loss parts, scalars)`` and ``_log_row(meter, scalars)``.
+wraps its module with :meth:`TrainingSession.wrap_model` (DDP under torchrun, optional SyncBN and
+``torch.compile``), calls :meth:`TrainingSession.init_session`, and implements ``_state()`` (what its checkpoints
+hold), ``_micro_batches()``, ``_optimizer_step(batches) -> (loss parts, scalars)`` and ``_log_row(meter, scalars)``.
 :meth:`TrainingSession.run_loop` then runs the steps, logs, and writes checkpoints.
+
+Under torchrun every process runs the same steps on its share of each global batch; DDP averages the gradients.
+Only rank 0 shows the progress bar and writes metrics and checkpoints; logged losses are means over processes;
+checkpoints hold the random-generator state of every rank, so a resume with the same number of processes is exact.
 
 Example:
     >>> class MyRun(TrainingSession):
@@ -22,8 +27,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from decon_med import distributed
 from decon_med.engine.checkpoint import capture_rng_state, copy_checkpoint, restore_rng_state, save_checkpoint
-from decon_med.errors import DeconError
+from decon_med.errors import ConfigError, DeconError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -33,6 +39,16 @@ def autocast(device: torch.device | str, amp: str) -> contextlib.AbstractContext
     if amp == "none":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=AMP_DTYPES[amp])
+
+
+def check_world_size(checkpoint: dict[str, Any], root: Any) -> None:
+    """Raise unless ``checkpoint`` was written by as many processes as are running now."""
+    saved = int(checkpoint.get("world_size", 1))
+    if saved != distributed.world_size():
+        raise DeconError(
+            f"{root}: cannot resume, the run was trained with {saved} process(es) and "
+            f"{distributed.world_size()} are running; resume with the same number"
+        )
 
 
 class IntervalMeter:
@@ -59,9 +75,13 @@ class IntervalMeter:
         self.since_time = time.perf_counter()
 
     def collect(self, step: int) -> tuple[dict[str, float], int, float]:
-        """Means since the last call (one host sync), steps and seconds elapsed; then start a new interval."""
+        """Means since the last call (over processes too; one host sync), steps and seconds elapsed; then start a
+        new interval. Under torchrun every process must call it at the same step."""
         keys = list(self.sums)
-        values = (torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)).tolist() if keys else []
+        values = []
+        if keys:
+            stacked = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
+            values = distributed.all_reduce_mean(stacked).tolist()
         now = time.perf_counter()
         result = (dict(zip(keys, values, strict=True)), step - self.since_step, now - self.since_time)
         self.sums, self.count, self.since_step, self.since_time = {}, 0, step, now
@@ -75,6 +95,35 @@ class TrainingSession:
     unit = "step"
     #: Unit shown by the progress bar.
     bar_unit = "step"
+
+    def wrap_model(self, module: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
+        """The callable used for forward passes: ``module`` itself in one process; under torchrun wrapped in
+        DistributedDataParallel (after SyncBN conversion with ``train.sync_bn``); compiled with ``train.compile``.
+
+        ``module`` keeps its parameters and state-dict keys, so checkpoints are the same in every setting.
+        """
+        train = self.cfg.train
+        model = module
+        if distributed.is_distributed():
+            if train.sync_bn:
+                if self.device.type != "cuda":
+                    raise ConfigError("config key 'train.sync_bn': SyncBatchNorm needs CUDA devices")
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=device_ids, find_unused_parameters=find_unused_parameters
+            )
+        if train.compile:
+            model = torch.compile(model)
+        self.model = model
+        return model
+
+    def micro_batch_context(self, index: int) -> contextlib.AbstractContextManager:
+        """Gradient synchronisation only on the last of the ``accum_steps`` micro-batches (DDP ``no_sync``)."""
+        ddp = getattr(self.model, "_orig_mod", self.model)
+        if index < self.cfg.train.accum_steps - 1 and hasattr(ddp, "no_sync"):
+            return ddp.no_sync()
+        return contextlib.nullcontext()
 
     def init_session(self, checkpoint: dict[str, Any] | None) -> None:
         """Create the scaler and counters, then restore the shared training state from ``checkpoint``."""
@@ -90,17 +139,25 @@ class TrainingSession:
             self.step = int(checkpoint["step"])
             self.elapsed = float(checkpoint.get("elapsed_s", 0.0))
             self.metrics_rows = int(checkpoint.get("metrics_rows", 0))
-            self.rng_state = checkpoint["rng"]
+            check_world_size(checkpoint, self.paths.root)
+            ranks = checkpoint.get("rng_ranks")
+            self.rng_state = ranks[distributed.rank()] if ranks else checkpoint["rng"]
         self.saved_step = self.step if checkpoint is not None else -1
         # First step whose loss was not finite (-1: none); updated on the device, read at log / save time.
         self.bad_step = torch.tensor(-1, device=self.device)
 
     def training_state(self) -> dict[str, Any]:
-        """The shared part of a checkpoint: optimiser, scaler, RNG states, counters."""
+        """The shared part of a checkpoint: optimiser, scaler, RNG states (of every rank), counters.
+
+        Under torchrun every process must call it (the RNG states are gathered).
+        """
+        rng_ranks = distributed.all_gather_objects(capture_rng_state())
         return {
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "rng": capture_rng_state(),
+            "rng": rng_ranks[0],
+            "rng_ranks": rng_ranks if len(rng_ranks) > 1 else None,
+            "world_size": distributed.world_size(),
             "metrics_rows": self.metrics_rows,
             "elapsed_s": self.elapsed,
         }
@@ -128,21 +185,23 @@ class TrainingSession:
         self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss), self.step, self.bad_step)
 
     def check_finite(self) -> None:
-        """Raise if any step so far had a non-finite loss (one host sync)."""
-        bad = int(self.bad_step.item())
+        """Raise if any step so far had a non-finite loss on any process (one host sync)."""
+        bad = int(distributed.all_reduce_max(self.bad_step).item())
         if bad >= 0:
             last = self.paths.last if self.paths.last.is_file() else "none (no checkpoint was written)"
             raise DeconError(f"non-finite loss at {self.unit} {bad}; the last good checkpoint is {last}")
 
     def save(self, numbered: bool) -> None:
-        """Write ``last.ckpt`` (and the numbered checkpoint); never from a non-finite state."""
+        """Write ``last.ckpt`` (and the numbered checkpoint); never from a non-finite state. Rank 0 writes."""
         self.check_finite()
         state = self._state()
-        if numbered:
-            path = save_checkpoint(state, self.paths.step_checkpoint(self.step))
-            copy_checkpoint(path, self.paths.last)
-        else:
-            save_checkpoint(state, self.paths.last)
+        if distributed.is_main_process():
+            if numbered:
+                path = save_checkpoint(state, self.paths.step_checkpoint(self.step))
+                copy_checkpoint(path, self.paths.last)
+            else:
+                save_checkpoint(state, self.paths.last)
+        distributed.barrier()
         self.saved_step = self.step
 
     def run_loop(self, progress: bool) -> None:
@@ -150,11 +209,16 @@ class TrainingSession:
         from decon_med.engine.pretrain import MetricsLogger
 
         train = self.cfg.train
+        main = distributed.is_main_process()
         resumed = self.step if self.saved_step >= 0 else None
-        logger = MetricsLogger(self.paths, resumed_step=resumed)
+        logger = MetricsLogger(self.paths, resumed_step=resumed) if main else None
         self._open_logs(resumed)
         bar = tqdm(
-            total=self.stop, initial=self.step, disable=not progress, unit=self.bar_unit, dynamic_ncols=True
+            total=self.stop,
+            initial=self.step,
+            disable=not (progress and main),
+            unit=self.bar_unit,
+            dynamic_ncols=True,
         )
         batches = self._micro_batches()
         if self.rng_state is not None:
@@ -169,8 +233,9 @@ class TrainingSession:
                 if self.step % train.log_every == 0 or self.step == self.total:
                     self.check_finite()
                     row = self._log_row(meter, scalars)
-                    logger.write(row)
-                    self.metrics_rows = logger.rows
+                    if logger is not None:
+                        logger.write(row)
+                        self.metrics_rows = logger.rows
                     bar.set_postfix(self._postfix(row))
                 wants_save = self._after_step(logger, meter)
                 self.elapsed = elapsed_before + time.perf_counter() - session_start
@@ -183,14 +248,16 @@ class TrainingSession:
         finally:
             batches.close()
             bar.close()
-            logger.close()
+            if logger is not None:
+                logger.close()
 
     # -- hooks -------------------------------------------------------------------------------------------------------
     def _open_logs(self, resumed_step: int | None) -> None:
         """Open logs of the subclass's own (called once per session)."""
 
     def _after_step(self, logger: Any, meter: IntervalMeter) -> bool:
-        """Work after a step's logging (e.g. validation); True asks for ``last.ckpt`` to be written now."""
+        """Work after a step's logging (e.g. validation; ``logger`` is None on ranks other than 0); True asks for
+        ``last.ckpt`` to be written now, and must be the same on every rank."""
         return False
 
     def _postfix(self, row: dict[str, float]) -> dict[str, str]:

@@ -42,12 +42,13 @@ import torch
 from monai.data import DataLoader
 from torch import nn
 
+from decon_med import distributed
 from decon_med.config import PretrainConfig, flatten, save_config, to_dict
 from decon_med.data.datasets import build_dataset, set_epoch
 from decon_med.engine.checkpoint import (
     load_checkpoint,
 )
-from decon_med.engine.loop import IntervalMeter, TrainingSession, autocast
+from decon_med.engine.loop import IntervalMeter, TrainingSession, autocast, check_world_size
 from decon_med.engine.optim import build_optimizer, cosine_schedule, scaled_lr
 from decon_med.errors import DeconError
 
@@ -161,7 +162,8 @@ def pretrain(
 
         method = build_method(cfg)
     run = _Run(cfg, paths, plan, dataset, method, checkpoint)
-    save_config(cfg, paths.config)
+    if distributed.is_main_process():
+        save_config(cfg, paths.config)
     run.train(progress)
     return paths.root
 
@@ -171,9 +173,22 @@ def prepare_run_folder(
 ) -> dict[str, Any] | None:
     """Check what ``paths.root`` holds against the flags; returns the checkpoint to resume from, if any.
 
+    Under torchrun every process checks, then rank 0 alone empties the folder for ``overwrite``.
+
     Raises:
         DeconError: see :func:`pretrain`.
     """
+    checkpoint = _check_run_folder(paths, cfg, resume=resume, overwrite=overwrite)
+    distributed.barrier()  # every process has looked before rank 0 changes anything
+    if overwrite and distributed.is_main_process() and paths.root.is_dir():
+        _empty_folder(paths.root)
+    distributed.barrier()
+    return checkpoint
+
+
+def _check_run_folder(
+    paths: RunPaths, cfg: PretrainConfig, resume: bool, overwrite: bool
+) -> dict[str, Any] | None:
     root = paths.root
     if resume and overwrite:
         raise DeconError("pass either --resume or --overwrite, not both")
@@ -183,8 +198,6 @@ def prepare_run_folder(
     if occupied and not paths.looks_like_run():
         raise DeconError(f"{root}: folder is not empty and holds no run; choose another out_dir")
     if overwrite:
-        if occupied:
-            _empty_folder(root)
         return None
     if resume:
         if not paths.last.is_file():
@@ -225,11 +238,12 @@ def check_resumable(saved: dict[str, Any], new: dict[str, Any], root: Path) -> N
 def make_plan(cfg: PretrainConfig, dataset_size: int, max_steps: int | None = None) -> Plan:
     """Step counts of a run over ``dataset_size`` images (whole batches only)."""
     train = cfg.train
-    steps_per_epoch = dataset_size // train.batch_size
+    global_batch = train.batch_size * distributed.world_size()
+    steps_per_epoch = dataset_size // global_batch
     if steps_per_epoch == 0:
         raise DeconError(
-            f"{cfg.data.root}: the training set has {dataset_size} images, fewer than one batch "
-            f"(train.batch_size={train.batch_size})"
+            f"{cfg.data.root}: the training set has {dataset_size} images, fewer than one global batch "
+            f"(train.batch_size={train.batch_size} x {distributed.world_size()} process(es))"
         )
     total = train.epochs * steps_per_epoch
     stop = total if max_steps is None else min(total, max_steps)
@@ -265,13 +279,13 @@ class _Run(TrainingSession):
         checkpoint: dict[str, Any] | None,
     ):
         self.cfg, self.paths, self.plan, self.dataset = cfg, paths, plan, dataset
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = distributed.device()
         train = cfg.train
         self.method = method.to(self.device)
         if train.channels_last:
             self.method.to(memory_format=torch.channels_last)
         self.method.train()
-        base_lr = scaled_lr(train.lr, train.batch_size, world_size=1)
+        base_lr = scaled_lr(train.lr, train.batch_size, world_size=distributed.world_size())
         self.lr_schedule = cosine_schedule(
             base_lr, train.min_lr, plan.total_steps, round(train.warmup_epochs * plan.steps_per_epoch)
         )
@@ -279,11 +293,19 @@ class _Run(TrainingSession):
         self.optimizer = build_optimizer(train, method.trainable_parameters(), base_lr)
         if checkpoint is not None:
             self._load(checkpoint)
+        # Heads that a configuration leaves out of the loss (e.g. alpha = 0) and the segmentation head, which
+        # pre-training never runs, get no gradient: DDP has to look for unused parameters.
+        self.wrap_model(self.method, find_unused_parameters=True)
+        if checkpoint is None and distributed.world_size() > 1:
+            torch.manual_seed(
+                cfg.seed + 7919 * distributed.rank()
+            )  # own dropout / masking stream per process
         self.stop, self.total = plan.stop_step, plan.total_steps
         self.init_session(checkpoint)
 
     # -- state ---------------------------------------------------------------------------------------------------
     def _load(self, checkpoint: dict[str, Any]) -> None:
+        check_world_size(checkpoint, self.paths.root)
         if checkpoint.get("steps_per_epoch", self.plan.steps_per_epoch) != self.plan.steps_per_epoch:
             raise DeconError(
                 f"{self.paths.root}: cannot resume, the training set changed size "
@@ -316,7 +338,8 @@ class _Run(TrainingSession):
         batch_size = self.cfg.train.batch_size
         set_epoch(self.dataset, epoch)
         order = epoch_order(self.cfg.seed, epoch, len(self.dataset))
-        indices = order[batch_in_epoch * batch_size : self.plan.steps_per_epoch * batch_size]
+        positions = distributed.shard_batches(batch_in_epoch, self.plan.steps_per_epoch, batch_size)
+        indices = [order[p] for p in positions]
         return DataLoader(
             self.dataset,
             batch_size=self.plan.micro_batch,
@@ -347,11 +370,12 @@ class _Run(TrainingSession):
         """
         train = self.cfg.train
         parts: dict[str, torch.Tensor] = {}
-        for _ in range(train.accum_steps):
+        for index in range(train.accum_steps):
             batch = self._to_device(next(batches))
-            with autocast(self.device, train.amp):
-                out = self.method(batch)
-            self.backward(out["loss"])
+            with self.micro_batch_context(index):
+                with autocast(self.device, train.amp):
+                    out = self.model(batch)
+                self.backward(out["loss"])
             for key, value in out.items():
                 share = value.detach().float() / train.accum_steps
                 parts[key] = parts[key] + share if key in parts else share
@@ -364,21 +388,22 @@ class _Run(TrainingSession):
     def train(self, progress: bool) -> None:
         """Run up to ``plan.stop_step``; write ``done.json`` once the whole schedule is done."""
         if self.step < self.plan.stop_step:
-            self.paths.done.unlink(missing_ok=True)
+            if distributed.is_main_process():
+                self.paths.done.unlink(missing_ok=True)
             self.run_loop(progress)
-        if self.step >= self.plan.total_steps:
+        if self.step >= self.plan.total_steps and distributed.is_main_process():
             self._finish()
 
     def _log_row(self, meter: IntervalMeter, extra: dict[str, Any]) -> dict[str, float]:
         epoch = (self.step - 1) // self.plan.steps_per_epoch
         means, steps, seconds = meter.collect(self.step)
         means = {"loss": means.pop("loss"), **means}
-        img_s = steps * self.cfg.train.batch_size / max(seconds, 1e-9)
+        img_s = steps * self.cfg.train.batch_size * distributed.world_size() / max(seconds, 1e-9)
         scalars = {key: float(value) for key, value in extra.items()}
         return {"step": self.step, "epoch": epoch, **means, **scalars, "img_s": img_s}
 
     def _finish(self) -> None:
-        images = self.step * self.cfg.train.batch_size
+        images = self.step * self.cfg.train.batch_size * distributed.world_size()
         done = {
             "step": self.step,
             "epochs": self.cfg.train.epochs,

@@ -154,7 +154,7 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
 
 
 def test_dataset_smaller_than_a_batch(isic, tmp_path):
-    with pytest.raises(DeconError, match="fewer than one batch"):
+    with pytest.raises(DeconError, match="fewer than one global batch"):
         run(make_cfg(isic, tmp_path / "run", batch_size=16))
 
 

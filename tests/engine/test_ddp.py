@@ -1,0 +1,171 @@
+"""torchrun-style training with 2 CPU processes (gloo): the same step as one process, rank-0-only files, resume.
+
+BatchNorm normalises each process's half batch with its own statistics, so 2 x B/2 and 1 x B differ through the
+batch statistics alone (SyncBatchNorm needs CUDA). The equivalence test therefore puts BatchNorm layers in eval
+mode: what it checks is the rest — gathered keys in the queues, all-reduced centres, and DDP's gradient average.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from decon_med.config import PretrainConfig, load_config, save_config
+from decon_med.engine.checkpoint import load_checkpoint
+from tests.ssl.test_slotcon_decon import TINY, make_batch
+
+BATCH = 4
+METHOD_OVERRIDES = {
+    "decon_sl_densecl": ["ssl.alpha=0.5", "ssl.queue_size=16", "ssl.dense_warmup_steps=0"],
+    "slotcon": ["ssl.group_loss_weight=1.0"],  # slot InfoNCE averages over a rank's own slots: not comparable
+}
+
+
+def _method(name: str):
+    from decon_med.ssl import build_method
+
+    cfg = load_config(None, [*TINY, f"ssl.method={name}", *METHOD_OVERRIDES[name]], schema=PretrainConfig)
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    method.train()
+    for module in method.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    return method
+
+
+def _step(method, model, batch: dict) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    out = model(batch)
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+    buffers = {n: b.clone() for n, b in method.named_buffers() if n.endswith(("queue_global", "center"))}
+    return out["loss"].detach(), grads, buffers
+
+
+def _half(batch: dict, rank: int) -> dict:
+    half = BATCH // 2
+    return {k: v[rank * half : (rank + 1) * half] for k, v in batch.items()}
+
+
+def _equivalence_worker(rank: int, store: str, name: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        method = _method(name)
+        model = nn.parallel.DistributedDataParallel(method, find_unused_parameters=True)
+        loss, grads, buffers = _step(method, model, _half(make_batch(BATCH), rank))
+        dist.all_reduce(loss)
+        if rank == 0:
+            torch.save({"loss": loss / 2, "grads": grads, "buffers": buffers}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["decon_sl_densecl", "slotcon"])
+def test_two_processes_with_half_batches_match_one_process(tmp_path, name):
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_equivalence_worker, args=(str(tmp_path / "store"), name, str(out)), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+    method = _method(name)
+    loss, grads, buffers = _step(method, method, make_batch(BATCH))
+    assert torch.allclose(ddp["loss"], loss, atol=1e-5)
+    assert ddp["grads"].keys() == grads.keys() and len(grads) > 10
+    for key, grad in grads.items():
+        assert torch.allclose(ddp["grads"][key], grad, atol=1e-5, rtol=1e-3), key
+    assert buffers  # queues (keys gathered in rank order) or centres (all-reduced) match
+    for key, value in buffers.items():
+        assert torch.allclose(ddp["buffers"][key], value, atol=1e-5), key
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli_worker(rank: int, port: int, argv: list[str]) -> None:
+    from decon_med.cli import main
+
+    torch.set_num_threads(1)
+    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    os.environ.update({k: str(v) for k, v in env.items()})
+    if main(argv) != 0:
+        raise SystemExit(f"rank {rank}: exit status not 0")
+
+
+def _torchrun(argv: list[str]) -> None:
+    mp.spawn(_cli_worker, args=(_free_port(), argv), nprocs=2, join=True)
+
+
+def test_torchrun_pretrain_writes_once_and_resumes(synth_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            "ssl.method=slotcon",
+            "data.name=isic2017",
+            f"data.root={synth_root / 'isic'}",
+            "data.num_workers=0",
+            "train.batch_size=2",  # per process: global batch 4, 2 steps per epoch on 8 images
+            "train.epochs=2",
+            "train.log_every=1",
+            "train.ckpt_every=2",
+            f"out_dir={out}",
+        ],
+        schema=PretrainConfig,
+    )
+    config = tmp_path / "cfg.yaml"
+    save_config(cfg, config)
+    _torchrun(["pretrain", str(config), "--quiet", "--max-steps", "2"])
+    state = load_checkpoint(out / "last.ckpt")
+    assert state["step"] == 2 and state["world_size"] == 2 and len(state["rng_ranks"]) == 2
+    assert not (out / "done.json").exists()
+
+    _torchrun(["pretrain", str(config), "--quiet", "--resume"])
+    done = load_checkpoint(out / "last.ckpt")
+    assert done["step"] == 4 and (out / "done.json").is_file()
+    rows = (out / "metrics.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]  # one writer, no duplicate rows
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_0000002.ckpt",
+        "step_0000004.ckpt",
+    ]
+
+    from decon_med.cli import main
+
+    capsys.readouterr()
+    assert main(["pretrain", str(config), "train.epochs=3", "--quiet", "--resume"]) == 2
+    assert "trained with 2 process(es) and 1 are running" in capsys.readouterr().err
+
+
+def test_torchrun_finetune_runs_and_scores_once(synth_root, tmp_path):
+    out = tmp_path / "ft"
+    argv = [
+        "finetune",
+        str(Path(__file__).resolve().parents[2] / "configs" / "finetune" / "isic.yaml"),
+        "data.name=isic2017",
+        f"data.root={synth_root / 'isic'}",
+        "data.image_size=64",
+        "data.num_workers=0",
+        "model.arch=unet",
+        "model.encoder=resnet18",
+        "train.batch_size=2",
+        "train.iters=4",
+        "train.val_every=2",
+        "train.log_every=2",
+        f"out_dir={out}",
+        "--quiet",
+    ]
+    _torchrun(argv)
+    results = (out / "results.json").read_text()
+    assert '"test"' in results
+    assert len((out / "val.csv").read_text().strip().splitlines()) == 3  # header + iterations 2 and 4
+    assert load_checkpoint(out / "last.ckpt")["world_size"] == 2
