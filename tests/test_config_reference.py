@@ -79,5 +79,7 @@ def test_cli_prints_and_updates(tmp_path, capsys):
     doc.write_text(f"intro\n{BEGIN_MARKER}\nOLD REFERENCE\n{END_MARKER}\noutro\n")
     assert main(["config-reference", "--update", str(doc)]) == 0
     text = doc.read_text()
-    assert "OLD REFERENCE" not in text and "| `train.lr` |" in text and text.endswith(f"{END_MARKER}\noutro\n")
+    assert (
+        "OLD REFERENCE" not in text and "| `train.lr` |" in text and text.endswith(f"{END_MARKER}\noutro\n")
+    )
     assert main(["config-reference", "--update", str(tmp_path / "missing.md")]) == 2
