@@ -169,7 +169,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=list(PROFILES), default=None, help="defaults for gpu or cpu")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument(
+        "--methods", nargs="*", default=METHODS, help="methods to measure (none: levers / loader only)"
+    )
     parser.add_argument("--arch", default="unet")
     parser.add_argument("--encoder", default=None)
     parser.add_argument("--size", type=int, default=None)
