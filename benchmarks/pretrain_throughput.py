@@ -140,28 +140,32 @@ def measure_method(method_name: str, batch_size: int, args: argparse.Namespace, 
 
 
 def measure_loader(args: argparse.Namespace, workers: int) -> dict:
-    """Decode + two-view augmentation throughput of the pre-training dataset with ``workers`` processes."""
-    from decon_med.data.datasets import build_dataset, build_loader
+    """Decode + two-view augmentation throughput of the pre-training dataset with ``workers`` processes.
+
+    Reads ``--loader-root`` (a dataset of ``--loader-dataset``) when given, else synthetic ISIC-like JPEGs.
+    """
     from decon_med.data.synthetic import make_isic
 
+    if args.loader_root:
+        return _loader_throughput(args, workers, Path(args.loader_root), args.loader_dataset)
     with tempfile.TemporaryDirectory() as tmp:
         make_isic(Path(tmp) / "isic", n=args.loader_images, seed=0)
-        cfg = load_config(
-            None,
-            [
-                "data.name=isic2017",
-                f"data.root={Path(tmp) / 'isic'}",
-                f"data.image_size={args.size}",
-                f"data.num_workers={workers}",
-            ],
-            schema=PretrainConfig,
-        )
-        ds = build_dataset(cfg, "train", "pretrain")
-        bs = min(args.batch_sizes[0], len(ds))
-        loader = build_loader(ds, batch_size=bs, shuffle=True, num_workers=workers, drop_last=True)
-        start = time.perf_counter()
-        n = sum(len(batch["id"]) for batch in loader)
-        seconds = time.perf_counter() - start
+        return _loader_throughput(args, workers, Path(tmp) / "isic", "isic2017")
+
+
+def _loader_throughput(args: argparse.Namespace, workers: int, root: Path, name: str) -> dict:
+    from decon_med.data.datasets import build_dataset, build_loader
+
+    overrides = [f"data.name={name}", f"data.root={root}", f"data.image_size={args.size}"]
+    cfg = load_config(None, [*overrides, f"data.num_workers={workers}"], schema=PretrainConfig)
+    ds = build_dataset(cfg, "train", "pretrain")
+    if args.loader_root:
+        ds = torch.utils.data.Subset(ds, range(min(len(ds), args.loader_images)))
+    bs = min(args.batch_sizes[0], len(ds))
+    loader = build_loader(ds, batch_size=bs, shuffle=True, num_workers=workers, drop_last=True)
+    start = time.perf_counter()
+    n = sum(len(batch["id"]) for batch in loader)
+    seconds = time.perf_counter() - start
     return {"loader_workers": workers, "images": n, "img_per_s": n / seconds}
 
 
@@ -191,7 +195,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--loader-workers", type=int, nargs="*", default=[2], help="worker counts to measure")
-    parser.add_argument("--loader-images", type=int, default=64)
+    parser.add_argument("--loader-images", type=int, default=64, help="images read per loader measurement")
+    parser.add_argument("--loader-root", help="measure the loader on this dataset instead of synthetic JPEGs")
+    parser.add_argument("--loader-dataset", default="isic2017", help="data.name of --loader-root")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     profile = PROFILES[args.profile or ("gpu" if torch.cuda.is_available() else "cpu")]

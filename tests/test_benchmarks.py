@@ -51,3 +51,10 @@ def test_lever_ladder_and_accumulation(tmp_path):
     assert last["amp"] == "bf16" and last["channels_last"] is True and last["compile"] is True
     assert result["levers"][1]["amp"] == "bf16" and result["levers"][1]["channels_last"] is False
     assert result["loaders"] == []
+
+
+def test_loader_on_a_given_dataset(synth_root):
+    bench = _load("pretrain_throughput")
+    argv = [*TINY, "--methods", "--loader-workers", "0", "--loader-images", "4"]
+    result = bench.main([*argv, "--loader-root", str(synth_root / "isic")])
+    assert result["methods"] == [] and result["loaders"][0]["images"] == 4
