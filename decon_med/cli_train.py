@@ -45,7 +45,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         >>> parser = argparse.ArgumentParser(); add_commands(parser.add_subparsers(dest="command"))
     """
     p = subparsers.add_parser(
-        "pretrain", help="self-supervised pre-training (SlotCon / DeCon) of an smp network"
+        "pretrain", help="self-supervised pre-training (SlotCon, DeCon, DenseCL, MIM) of an smp network"
     )
     p.add_argument("config", help="YAML pre-training config")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")

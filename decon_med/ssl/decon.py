@@ -38,8 +38,8 @@ from decon_med.ssl.ema import cosine_momentum, frozen_copy, update_momentum
 
 #: Builds the head of one level: ``factory(in_channels, is_decoder) -> nn.Module``. The head is called as
 #: ``head(s1, s2, t1, t2, box1, box2, flip1, flip2) -> {"loss", parts...}`` and has ``update_teacher(momentum)``
-#: (called once per optimiser step). A head whose class sets ``symmetric = False`` only uses the student map of
-#: view 1 and the teacher map of view 2 (the others are passed as ``None`` and never computed).
+#: (called once per optimiser step). Each head class sets ``symmetric``: ``False`` means the head only uses the
+#: student map of view 1 and the teacher map of view 2 (the others are passed as ``None`` and never computed).
 HeadFactory = Callable[[int, bool], nn.Module]
 
 
@@ -88,7 +88,7 @@ class DeCon(SSLMethod):
         self.enc_head = head_factory(enc_channels[-1], False)
         self.dec_heads = nn.ModuleList(head_factory(dec_channels[level], True) for level in self.levels)
         self.skip_dropout = nn.Dropout2d(skip_dropout) if skip_dropout > 0 else None
-        self.symmetric = all(getattr(h, "symmetric", True) for h in (self.enc_head, *self.dec_heads))
+        self.symmetric = all(h.symmetric for h in (self.enc_head, *self.dec_heads))
 
     @property
     def uses_decoder(self) -> bool:

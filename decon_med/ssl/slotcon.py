@@ -61,6 +61,9 @@ class SlotConHead(nn.Module):
         slot_temp: InfoNCE temperature tau (0.2).
     """
 
+    #: The loss is symmetrised: student and teacher maps of both views are used.
+    symmetric = True
+
     def __init__(
         self,
         in_channels: int,
