@@ -193,6 +193,21 @@ def best_and_worst(
 
 
 # -- models --------------------------------------------------------------------------------------------------------
+def find_data_root(root: str | Path, run: str | Path) -> Path:
+    """A run's ``data.root`` seen from here: as saved, else relative to a folder above the run folder.
+
+    Run configs keep ``data.root`` as given on the command line, often relative to the folder the command ran in
+    (``runs/demo/data/isic2017``), while a notebook runs in ``notebooks/``.
+    """
+    root = Path(root)
+    if root.exists() or root.is_absolute():
+        return root
+    for base in Path(run).resolve().parents:
+        if (base / root).exists():
+            return base / root
+    return root
+
+
 def load_pretraining(run: str | Path) -> tuple[Any, Any]:
     """The method of a pre-training run folder (from ``last.ckpt``), in eval mode on the CPU, and its config."""
     from decon_med.config import PretrainConfig, from_dict
@@ -201,6 +216,7 @@ def load_pretraining(run: str | Path) -> tuple[Any, Any]:
 
     state = load_checkpoint(Path(run) / "last.ckpt")
     cfg = from_dict(PretrainConfig, state["config"])
+    cfg.data.root = str(find_data_root(cfg.data.root, run))
     method = build_method(cfg)
     method.load_state_dict(state["method"])
     return method.eval(), cfg
@@ -272,6 +288,7 @@ def predict_split(run: str | Path, split: str = "test", limit: int | None = None
     from decon_med.metrics import per_image_iou
 
     network, cfg, state = load_segmentation_model(run)
+    cfg.data.root = str(find_data_root(cfg.data.root, run))
     network.eval()
     classes = int(state["network_meta"]["classes"])
     items = {item["id"]: item for item in get_layout(cfg.data).items(split)}

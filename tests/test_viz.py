@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import matplotlib
 
@@ -18,6 +19,7 @@ from decon_med.viz import (  # noqa: E402
     CLASS_COLOURS,
     best_and_worst,
     feature_pca,
+    find_data_root,
     loss_columns,
     overlay,
     per_class_iou,
@@ -72,6 +74,16 @@ def test_read_results_resolves_moved_run_folders(tmp_path):
     assert results["run_dir"].iloc[0] == str(tmp_path / "runs" / "random-random-f0.05-s0")
     with pytest.raises(DataError, match="missing.csv"):
         read_csv_table(tmp_path / "missing.csv")
+
+
+def test_data_root_is_found_from_the_run_folder(tmp_path, monkeypatch):
+    (tmp_path / "runs" / "demo" / "data").mkdir(parents=True)
+    run = tmp_path / "runs" / "demo" / "pretrain" / "x"
+    run.mkdir(parents=True)
+    monkeypatch.chdir(run)  # somewhere the relative root does not exist
+    assert find_data_root("runs/demo/data", run) == tmp_path / "runs" / "demo" / "data"
+    assert find_data_root("/abs/missing", run) == Path("/abs/missing")
+    assert find_data_root("nowhere", run) == Path("nowhere")
 
 
 def test_overlay_tints_only_foreground_classes():
