@@ -213,6 +213,10 @@ class TrainConfig:
         clip_grad: clip the gradient norm to this value (0 = off).
         channels_last: use the channels-last memory format.
         ckpt_every: write a numbered checkpoint every this many optimiser steps (``last`` is always written).
+        keep_checkpoints: numbered checkpoints kept on disk, the newest ones (``null`` keeps all).
+        prune_finished: fine-tuning: once the run has finished and been tested, keep only the selected weights
+            (``best.ckpt``, or ``last.ckpt`` without its training state) and delete the numbered checkpoints;
+            experiment grids set it (a run then takes about a third of the disk space).
         log_every: write a ``metrics.csv`` row and TensorBoard scalars every this many steps.
         loss: fine-tuning loss: ``ce`` (cross-entropy) or ``dice_ce`` (MONAI DiceCE).
         select: fine-tuning checkpoint evaluated on test: ``best`` (highest val mIoU) or ``last``.
@@ -236,6 +240,8 @@ class TrainConfig:
     clip_grad: float = 0.0
     channels_last: bool = False
     ckpt_every: int = 1000
+    keep_checkpoints: int | None = 3
+    prune_finished: bool = False
     log_every: int = 10
     loss: Loss = "ce"
     select: Select = "best"
@@ -258,6 +264,11 @@ class TrainConfig:
         _check(self.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
         _check(self.clip_grad >= 0, "train.clip_grad", "must be >= 0 (0 = off)")
         _check(self.poly_power > 0, "train.poly_power", "must be > 0")
+        _check(
+            self.keep_checkpoints is None or self.keep_checkpoints >= 1,
+            "train.keep_checkpoints",
+            "must be >= 1 (null keeps all)",
+        )
 
 
 @dataclass

@@ -19,13 +19,17 @@ An experiment config (``configs/experiment/*.yaml``) names a base fine-tuning co
 Every path (``finetune``, init paths, ``out_dir``, paths inside overrides) is relative to the current directory,
 as for every other command, so run ``decon-med experiment`` from the repository root. Each run gets
 ``<out_dir>/runs/<init>-<transfer>-f<fraction>-s<seed>`` as its fine-tuning run folder; the overrides apply in the
-order base file, ``overrides``, ``transfer_overrides[transfer]``, the init's ``overrides``, then the grid values
-(``init``, ``transfer``, ``fraction``, ``seed``, ``out_dir``), which overrides may not set. An init set to
-``null`` (``inits.decon_ml=null`` on the command line) is left out of the grid.
+order base file, :data:`GRID_DEFAULTS`, ``overrides``, ``transfer_overrides[transfer]``, the init's ``overrides``,
+then the grid values (``init``, ``transfer``, ``fraction``, ``seed``, ``out_dir``), which overrides may not set. An
+init set to ``null`` (``inits.decon_ml=null`` on the command line) is left out of the grid.
+
+A finished grid run keeps only its selected weights (``train.prune_finished=true``, a grid default): a grid of
+hundreds of runs would otherwise hold each run's optimiser state and numbered checkpoints. Add
+``train.prune_finished=false`` to ``overrides`` to keep them.
 
 The experiment folder ends up with::
 
-    runs/<run>/         one fine-tuning run folder per grid point (config, metrics, checkpoints, results.json)
+    runs/<run>/         one fine-tuning run folder per grid point (config, metrics, selected weights, results.json)
     results.csv         one row per finished run (metrics as fractions in [0, 1]), rebuilt after every run
     summary.csv         mIoU / mDice in %: mean and sample std (ddof 1) over seeds per (init, transfer, fraction)
     paired.csv          mIoU difference to the baseline in percentage points, paired by (fraction, seed), with a
@@ -82,6 +86,9 @@ InitMethod = Literal[
 ]
 RunStatus = Literal["done", "interrupted", "pending"]
 
+#: Fine-tuning overrides every grid run starts from (the experiment's own overrides come after them).
+GRID_DEFAULTS: tuple[str, ...] = ("train.prune_finished=true",)
+
 #: Fine-tuning keys that the grid sets for every run; overrides may not set them.
 GRID_KEYS: tuple[str, ...] = ("init", "transfer", "fraction", "seed", "out_dir")
 
@@ -109,7 +116,7 @@ N_BOOTSTRAP = 10_000
 BOOTSTRAP_SEED = 0
 
 #: Saved-config keys ignored when a finished run is compared with the planned config.
-_DRIFT_IGNORED = frozenset({"data.num_workers"})
+_DRIFT_IGNORED = frozenset({"data.num_workers", "train.keep_checkpoints", "train.prune_finished"})
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_]+$")
 
 Runner = Callable[..., Path]
@@ -332,7 +339,7 @@ def _build_run(
     cfg: ExperimentConfig, label: str, init: InitSpec, transfer: str, fraction: float, seed: int
 ) -> RunSpec:
     name = run_name(label, transfer, fraction, seed)
-    overrides = [*cfg.overrides, *cfg.transfer_overrides.get(transfer, []), *init.overrides]
+    overrides = [*GRID_DEFAULTS, *cfg.overrides, *cfg.transfer_overrides.get(transfer, []), *init.overrides]
     try:
         ft = load_config(cfg.finetune, overrides, schema=FinetuneConfig)
         ft = dataclasses.replace(

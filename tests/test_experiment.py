@@ -161,6 +161,10 @@ def test_grid_expansion_counts_names_and_configs(exp_file, tmp_path):
     rand = specs[0].cfg
     assert (rand.init, rand.transfer, rand.model.arch) == (None, "random", "fcn")
     assert run_name("slotcon", "encoder", 1, 2) == "slotcon-encoder-f1.0-s2"
+    # a finished grid run keeps only its selected weights unless the overrides say otherwise
+    assert all(s.cfg.train.prune_finished for s in specs)
+    kept = expand_grid(load_experiment(exp_file, ["overrides=[train.prune_finished=false]"]))
+    assert not any(s.cfg.train.prune_finished for s in kept)
 
 
 def test_dry_run_runs_nothing_and_lists_status(exp_file, capsys):

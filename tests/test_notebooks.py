@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
@@ -13,12 +15,21 @@ NAMES = ["01_quickstart", "02_results", "03_pretraining", "04_predictions"]
 
 
 @pytest.fixture(scope="session")
-def demo_folder(tmp_path_factory) -> Path:
+def demo_folder(tmp_path_factory) -> Iterator[Path]:
     from decon_med.demo import run_demo
 
     out = tmp_path_factory.mktemp("notebook_demo") / "demo"
     run_demo(out, progress=False, quick=True)
-    return out
+    yield out
+    shutil.rmtree(out.parent, ignore_errors=True)
+
+
+def test_demo_grid_runs_keep_only_their_selected_weights(demo_folder):
+    runs = sorted((demo_folder / "experiment" / "runs").iterdir())
+    assert runs
+    for run in runs:
+        assert sorted(p.name for p in run.glob("*.ckpt")) == ["best.ckpt"], run
+        assert not (run / "checkpoints").exists(), run
 
 
 @pytest.mark.parametrize("name", NAMES)

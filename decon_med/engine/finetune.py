@@ -8,7 +8,7 @@ A run folder (``cfg.out_dir``) holds::
     metrics.csv        one row per log step: step (iteration), epoch (passes over the subset), loss, lr, img_s
     val.csv            one row per validation: iter, mIoU, mDice, aAcc and per-class IoU
     tb/                TensorBoard events of both
-    checkpoints/       step_0000500.ckpt every train.ckpt_every iterations
+    checkpoints/       step_0000500.ckpt every train.ckpt_every iterations (the newest train.keep_checkpoints)
     last.ckpt          the newest state (written with every numbered checkpoint, every validation, and at the end)
     best.ckpt          train.select=best: the weights with the highest val mIoU (the earliest on ties)
     results.json       the selected checkpoint's val and test scores, once the run has finished
@@ -58,7 +58,7 @@ from decon_med.data.splits import split_fraction, write_split
 from decon_med.engine.checkpoint import save_checkpoint
 from decon_med.engine.evaluate import class_names, evaluate_network, write_json
 from decon_med.engine.loop import IntervalMeter, TrainingSession, autocast
-from decon_med.engine.model_io import load_segmentation_model, segmentation_state
+from decon_med.engine.model_io import load_segmentation_model, model_part, segmentation_state
 from decon_med.engine.optim import build_optimizer, poly_schedule
 from decon_med.engine.pretrain import (
     MetricsLogger,
@@ -433,6 +433,19 @@ class _Run(TrainingSession):
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         write_json(self.paths.done, done)
+        if self.cfg.train.prune_finished:
+            self._prune(selected, state)
+
+    def _prune(self, selected: Path, state: dict[str, Any]) -> None:
+        """Keep only the selected weights of the finished run (``train.prune_finished``)."""
+        for path in self.paths.numbered_checkpoints():
+            path.unlink()
+        if self.paths.checkpoints.is_dir() and not any(self.paths.checkpoints.iterdir()):
+            self.paths.checkpoints.rmdir()
+        if selected == self.paths.best:
+            self.paths.last.unlink(missing_ok=True)
+        else:
+            save_checkpoint(model_part(state), self.paths.last)
 
 
 def _score(miou: float | None) -> float:

@@ -199,10 +199,18 @@ class TrainingSession:
             if numbered:
                 path = save_checkpoint(state, self.paths.step_checkpoint(self.step))
                 copy_checkpoint(path, self.paths.last)
+                self._drop_old_checkpoints()
             else:
                 save_checkpoint(state, self.paths.last)
         distributed.barrier()
         self.saved_step = self.step
+
+    def _drop_old_checkpoints(self) -> None:
+        """Delete the numbered checkpoints beyond the newest ``train.keep_checkpoints``."""
+        keep = self.cfg.train.keep_checkpoints
+        if keep is not None:
+            for old in self.paths.numbered_checkpoints()[:-keep]:
+                old.unlink(missing_ok=True)
 
     def run_loop(self, progress: bool) -> None:
         """Optimiser steps up to ``self.stop``: log every ``log_every``, checkpoint every ``ckpt_every`` and at the end."""

@@ -46,6 +46,15 @@ def segmentation_state(network: nn.Module, cfg: FinetuneConfig, classes: int, **
     }
 
 
+#: The keys of a fine-tuning checkpoint that describe the model (the rest is training state).
+MODEL_KEYS: tuple[str, ...] = ("kind", "network", "network_meta", "config", "step", "val")
+
+
+def model_part(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """A fine-tuning checkpoint without its training state (optimiser, RNG, counters): what ``best.ckpt`` holds."""
+    return {key: checkpoint[key] for key in MODEL_KEYS if key in checkpoint}
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or the one a fine-tuning run folder selects (``best.ckpt`` if present, else ``last.ckpt``)."""
     path = Path(path)

@@ -5,7 +5,7 @@ A run folder (``cfg.out_dir``) holds::
     config.yaml        the resolved config
     metrics.csv        one row per log step: step, epoch, loss parts, after-step scalars, lr, img_s
     tb/                TensorBoard events with the same scalars
-    checkpoints/       step_0001000.ckpt every train.ckpt_every optimiser steps
+    checkpoints/       step_0001000.ckpt every train.ckpt_every optimiser steps (the newest train.keep_checkpoints)
     last.ckpt          the newest checkpoint (written with every numbered one and at the end)
     done.json          final step, wall time and throughput, once the run has finished
 
@@ -56,7 +56,13 @@ if TYPE_CHECKING:
     from decon_med.ssl.base import SSLMethod
 
 #: Config keys that may differ when a run is resumed (they do not change what is computed).
-RESUMABLE_KEYS: tuple[str, ...] = ("train.epochs", "out_dir", "data.num_workers")
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "train.epochs",
+    "out_dir",
+    "data.num_workers",
+    "train.keep_checkpoints",
+    "train.prune_finished",
+)
 
 #: Autocast dtype of each ``train.amp`` setting other than ``none``.
 
@@ -98,6 +104,12 @@ class RunPaths:
 
     def step_checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step_{step:07d}.ckpt"
+
+    def numbered_checkpoints(self) -> list[Path]:
+        """The numbered checkpoints on disk, oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(self.checkpoints.glob("step_*.ckpt"))
 
     def looks_like_run(self) -> bool:
         """True when the folder holds any file a run writes."""
@@ -200,9 +212,14 @@ def _check_run_folder(
     if overwrite:
         return None
     if resume:
+        pruned = (
+            f"{root}: finished run kept only its selected weights (train.prune_finished); nothing to resume"
+        )
         if not paths.last.is_file():
-            raise DeconError(f"{root}: no last.ckpt to resume from")
+            raise DeconError(pruned if paths.done.is_file() else f"{root}: no last.ckpt to resume from")
         checkpoint = load_checkpoint(paths.last)
+        if "optimizer" not in checkpoint:
+            raise DeconError(pruned)
         check_resumable(checkpoint["config"], to_dict(cfg), root)
         return checkpoint
     if paths.done.is_file():

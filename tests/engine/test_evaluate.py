@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from decon_med.models.network import build_network
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
+def finished(tmp_path_factory) -> Iterator[Path]:
     """A finished 4-iteration ISIC run (images of different, non-square sizes), best checkpoint selected."""
     root = tmp_path_factory.mktemp("evaluate")
     make_isic(root / "isic", n=8, seed=0)
@@ -34,7 +35,8 @@ def finished(tmp_path_factory) -> Path:
         ),
         out_dir=str(root / "run"),
     )
-    return finetune(cfg, progress=False)
+    yield finetune(cfg, progress=False)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _results(run: Path) -> dict:

@@ -4,6 +4,8 @@ import argparse
 import csv
 import json
 import math
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +65,11 @@ def results(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory) -> Path:
+def reference(data, tmp_path_factory) -> Iterator[Path]:
     """An uninterrupted 6-iteration run from random weights, validated at 3 and 6, checkpointed every 2."""
-    return run(make_cfg(data, tmp_path_factory.mktemp("reference") / "run", train={"ckpt_every": 4}))
+    root = tmp_path_factory.mktemp("reference")
+    yield run(make_cfg(data, root / "run", train={"ckpt_every": 4}))
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_run_folder_and_results(reference, data):
@@ -163,6 +167,35 @@ def test_select_last(data, tmp_path, monkeypatch):
     res = results(out)
     assert not (out / "best.ckpt").exists()
     assert res["selected_iter"] == 4 and res["checkpoint"] == "last.ckpt" and res["val"]["mIoU"] == 0.1
+
+
+@pytest.mark.parametrize("keep, kept", [(2, [5, 6]), (None, [1, 2, 3, 4, 5, 6])])
+def test_only_the_newest_numbered_checkpoints_are_kept(data, tmp_path, keep, kept):
+    out = run(make_cfg(data, tmp_path / "run", train={"ckpt_every": 1, "iters": 6, "keep_checkpoints": keep}))
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == [f"step_{step:07d}.ckpt" for step in kept]
+    assert load_checkpoint(out / "last.ckpt")["step"] == 6
+
+
+@pytest.mark.parametrize("select", ["best", "last"])
+def test_prune_finished_keeps_only_the_selected_weights(data, tmp_path, monkeypatch, select):
+    _scripted_validation(monkeypatch, [0.3, 0.7, 0.5] * 2)  # at iterations 2, 4, 6 of both runs
+    train = {"iters": 6, "val_every": 2, "ckpt_every": 2, "select": select}
+    kept = run(make_cfg(data, tmp_path / "kept", train=train))
+    pruned = run(make_cfg(data, tmp_path / "pruned", train={**train, "prune_finished": True}))
+    weights = "best.ckpt" if select == "best" else "last.ckpt"
+    assert sorted(p.name for p in pruned.iterdir() if p.suffix == ".ckpt" or p.is_dir()) == [weights, "tb"]
+    state = load_checkpoint(pruned / weights)
+    assert "optimizer" not in state and "rng" not in state and state["step"] == (4 if select == "best" else 6)
+    reference = load_checkpoint(kept / weights)["network"]
+    assert all(torch.equal(v, state["network"][k]) for k, v in reference.items())
+    assert results(pruned)["test"] == results(kept)["test"]
+    from decon_med.engine.evaluate import evaluate
+
+    assert evaluate(pruned, split="test", progress=False)["mIoU"] == results(kept)["test"]["mIoU"]
+    cfg = make_cfg(data, tmp_path / "pruned", train={**train, "prune_finished": True})
+    with pytest.raises(DeconError, match="kept only its selected weights"):
+        run(cfg, resume=True)
 
 
 def test_label_fractions_are_nested_and_paired(data, tmp_path):

@@ -4,6 +4,7 @@ import argparse
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -113,7 +114,10 @@ def reference(isic, tmp_path_factory):
             _REFERENCES[accum_steps] = run(make_cfg(isic, out, accum_steps=accum_steps, log_every=2))
         return _REFERENCES[accum_steps]
 
-    return get
+    yield get
+    for run_dir in _REFERENCES.values():
+        shutil.rmtree(run_dir, ignore_errors=True)
+    _REFERENCES.clear()
 
 
 def test_run_folder_contents(reference):

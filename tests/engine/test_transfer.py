@@ -2,6 +2,8 @@
 
 import copy
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,7 +43,7 @@ def write_export(network: nn.Module, folder: Path, arch: str, encoder: str) -> P
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory) -> dict:
+def source(tmp_path_factory) -> Iterator[dict]:
     """A U-Net/resnet18 'pre-trained' with seed 123, in every format ``init`` accepts."""
     root = tmp_path_factory.mktemp("transfer")
     network = seeded_network(classes=1, seed=123)
@@ -56,7 +58,8 @@ def source(tmp_path_factory) -> dict:
         },
         root / "pretrain.ckpt",
     )
-    return {"state": state, "export": export, "bare": bare, "ckpt": ckpt, "smp": export / "smp", "root": root}
+    yield {"state": state, "export": export, "bare": bare, "ckpt": ckpt, "smp": export / "smp", "root": root}
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _keys(network: nn.Module, prefixes: tuple[str, ...], keep: bool = True) -> list[str]:
@@ -147,7 +150,7 @@ def test_missing_init_names_the_path(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def foreign(tmp_path_factory) -> dict[str, Path]:
+def foreign(tmp_path_factory) -> Iterator[dict[str, Path]]:
     """Bare encoder weights of other ResNets (nothing recorded about them)."""
     root = tmp_path_factory.mktemp("foreign")
     files = {}
@@ -156,7 +159,8 @@ def foreign(tmp_path_factory) -> dict[str, Path]:
         encoder = get_encoder(name, in_channels=3, depth=5, weights=None)
         files[name] = root / f"{name}.safetensors"
         save_file({f"encoder.{k}": v for k, v in encoder.state_dict().items()}, str(files[name]))
-    return files
+    yield files
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_recorded_encoder_must_match(tmp_path):
