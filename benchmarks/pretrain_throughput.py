@@ -154,19 +154,42 @@ def measure_loader(args: argparse.Namespace, workers: int) -> dict:
 
 
 def _loader_throughput(args: argparse.Namespace, workers: int, root: Path, name: str) -> dict:
-    from decon_med.data.datasets import build_dataset, build_loader
+    """Images/s over ``--loader-epochs`` epochs read as the engine reads them (one loader for the whole stream)
+    and, for comparison, with a new loader per epoch (workers restart and the prefetch queue drains each epoch)."""
+    from monai.data import DataLoader
+
+    from decon_med.data.datasets import build_dataset, set_epoch
+    from decon_med.data.stream import EpochPositions, PassStream, epoch_order
 
     overrides = [f"data.name={name}", f"data.root={root}", f"data.image_size={args.size}"]
     cfg = load_config(None, [*overrides, f"data.num_workers={workers}"], schema=PretrainConfig)
     ds = build_dataset(cfg, "train", "pretrain")
     if args.loader_root:
         ds = torch.utils.data.Subset(ds, range(min(len(ds), args.loader_images)))
+        ds.seeder = ds.dataset.seeder
     bs = min(args.batch_sizes[0], len(ds))
-    loader = build_loader(ds, batch_size=bs, shuffle=True, num_workers=workers, drop_last=True)
-    start = time.perf_counter()
-    n = sum(len(batch["id"]) for batch in loader)
-    seconds = time.perf_counter() - start
-    return {"loader_workers": workers, "images": n, "img_per_s": n / seconds}
+    steps_per_epoch, epochs = len(ds) // bs, args.loader_epochs
+    options = {"batch_size": bs, "num_workers": workers, "pin_memory": args.device.startswith("cuda")}
+
+    def per_epoch_loaders():
+        for epoch in range(epochs):
+            set_epoch(ds, epoch)
+            yield from DataLoader(
+                ds, sampler=epoch_order(0, epoch, len(ds))[: steps_per_epoch * bs], **options
+            )
+
+    def one_stream():
+        positions = EpochPositions(0, epochs * steps_per_epoch, steps_per_epoch, bs, len(ds))
+        yield from DataLoader(PassStream(ds, seed=0), sampler=positions, **options)
+
+    row = {"loader_workers": workers, "epochs": epochs, "images": epochs * steps_per_epoch * bs}
+    for key, batches in (("img_per_s", one_stream), ("per_epoch_img_per_s", per_epoch_loaders)):
+        start = time.perf_counter()
+        n = sum(len(batch["id"]) for batch in batches())
+        row[key] = n / (time.perf_counter() - start)
+        if n != row["images"]:
+            raise RuntimeError(f"the loader read {n} images, expected {row['images']}")
+    return row
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -195,7 +218,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--loader-workers", type=int, nargs="*", default=[2], help="worker counts to measure")
-    parser.add_argument("--loader-images", type=int, default=64, help="images read per loader measurement")
+    parser.add_argument(
+        "--loader-images", type=int, default=64, help="dataset size of the loader measurement"
+    )
+    parser.add_argument("--loader-epochs", type=int, default=3, help="epochs read per loader measurement")
     parser.add_argument("--loader-root", help="measure the loader on this dataset instead of synthetic JPEGs")
     parser.add_argument("--loader-dataset", default="isic2017", help="data.name of --loader-root")
     parser.add_argument("--json", help="write the results here")
@@ -247,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {r['lever']:<18} {r['img_per_s']:>9.1f} img/s {_fmt(r['peak_mem_gib'], '.1f'):>7} GiB")
     for loader in loaders:
         print(
-            f"loader: {loader['img_per_s']:.1f} img/s with {loader['loader_workers']} workers (decode + two views)"
+            f"loader: {loader['img_per_s']:.1f} img/s with {loader['loader_workers']} workers (decode + two views; "
+            f"{loader['per_epoch_img_per_s']:.1f} img/s with a new loader per epoch)"
         )
     result = {
         "device": device_name,

@@ -15,7 +15,18 @@ def _load(name: str):
 
 
 TINY = ["--profile", "cpu", "--device", "cpu", "--size", "64", "--batch-sizes", "4", "--steps", "1"]
-TINY += ["--warmup", "0", "--dim-hidden", "32", "--queue-size", "64", "--loader-images", "8"]
+TINY += [
+    "--warmup",
+    "0",
+    "--dim-hidden",
+    "32",
+    "--queue-size",
+    "64",
+    "--loader-images",
+    "8",
+    "--loader-epochs",
+    "2",
+]
 
 
 def test_pretrain_throughput_measures_every_method_and_the_loader(tmp_path, capsys):
@@ -28,9 +39,14 @@ def test_pretrain_throughput_measures_every_method_and_the_loader(tmp_path, caps
         assert row["amp"] == "none" and row["channels_last"] is False
     slotcon = result["methods"][0]
     assert slotcon["vs_slotcon"] == 1.0
-    assert result["loaders"] == [
-        {"loader_workers": 0, "images": 8, "img_per_s": result["loaders"][0]["img_per_s"]}
-    ]
+    loader = result["loaders"][0]
+    # 2 epochs of 2 batches of 4, read once through one stream and once with a loader per epoch
+    assert {k: loader[k] for k in ("loader_workers", "epochs", "images")} == {
+        "loader_workers": 0,
+        "epochs": 2,
+        "images": 16,
+    }
+    assert loader["img_per_s"] > 0 and loader["per_epoch_img_per_s"] > 0
     assert json.loads(out.read_text())["methods"][1]["method"] == "decon_sl"
     printed = capsys.readouterr().out
     assert "decon_sl_densecl" in printed and "loader:" in printed
@@ -57,4 +73,4 @@ def test_loader_on_a_given_dataset(synth_root):
     bench = _load("pretrain_throughput")
     argv = [*TINY, "--methods", "--loader-workers", "0", "--loader-images", "4"]
     result = bench.main([*argv, "--loader-root", str(synth_root / "isic")])
-    assert result["methods"] == [] and result["loaders"][0]["images"] == 4
+    assert result["methods"] == [] and result["loaders"][0]["images"] == 2 * 4  # 2 epochs of one batch of 4

@@ -52,9 +52,10 @@ from torch.utils.data import Dataset
 
 from decon_med import distributed
 from decon_med.config import FinetuneConfig, save_config
-from decon_med.data.datasets import build_dataset, set_epoch
+from decon_med.data.datasets import build_dataset
 from decon_med.data.layouts import get_layout, num_classes
 from decon_med.data.splits import split_fraction, write_split
+from decon_med.data.stream import PassStream
 from decon_med.engine.checkpoint import save_checkpoint
 from decon_med.engine.evaluate import class_names, evaluate_network, write_json
 from decon_med.engine.loop import IntervalMeter, TrainingSession, autocast
@@ -63,7 +64,6 @@ from decon_med.engine.optim import build_optimizer, poly_schedule
 from decon_med.engine.pretrain import (
     MetricsLogger,
     RunPaths,
-    epoch_order,
     prepare_run_folder,
     seed_everything,
 )
@@ -195,39 +195,6 @@ def build_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     raise ValueError(f"unknown loss '{name}'; expected ce or dice_ce")
 
 
-class PassStream(Dataset):
-    """Position ``s`` of the endless stream of seeded passes over ``dataset`` (see the module docstring).
-
-    Position ``s`` is image ``epoch_order(seed, p, n)[s % n]`` of pass ``p = s // n``, augmented as in epoch
-    ``p``; a sampler over ``range(start, stop)`` yields the stream from any point, e.g. after a resume.
-
-    Example:
-        >>> stream = PassStream(build_dataset(cfg, "train", "train", items=subset), seed=0)
-        >>> loader = DataLoader(stream, batch_size=4, sampler=range(8, 16))   # iterations 2 and 3
-    """
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset = dataset
-        self.seed = seed
-        self.size = len(dataset)
-        self._order: tuple[int, list[int]] = (-1, [])
-
-    def __len__(self) -> int:
-        return self.size
-
-    def locate(self, position: int) -> tuple[int, int]:
-        """``(pass, index into dataset)`` of a stream position."""
-        pass_index, offset = divmod(position, self.size)
-        if self._order[0] != pass_index:
-            self._order = (pass_index, epoch_order(self.seed, pass_index, self.size))
-        return pass_index, self._order[1][offset]
-
-    def __getitem__(self, position: int) -> dict:
-        pass_index, index = self.locate(position)
-        set_epoch(self.dataset, pass_index)
-        return self.dataset[index]
-
-
 def _check_micro_batch(cfg: FinetuneConfig) -> None:
     micro = cfg.train.batch_size // cfg.train.accum_steps
     if micro < 2:
@@ -308,7 +275,6 @@ class _Run(TrainingSession):
             shuffle=False,
             num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
             generator=torch.Generator().manual_seed(seed),
         )
         yield from loader

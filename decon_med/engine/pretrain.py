@@ -44,7 +44,8 @@ from torch import nn
 
 from decon_med import distributed
 from decon_med.config import PretrainConfig, flatten, save_config, to_dict
-from decon_med.data.datasets import build_dataset, set_epoch
+from decon_med.data.datasets import build_dataset
+from decon_med.data.stream import EpochPositions, PassStream
 from decon_med.engine.checkpoint import (
     load_checkpoint,
 )
@@ -274,15 +275,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def epoch_order(seed: int, epoch: int, size: int) -> list[int]:
-    """The shuffled sample order of one epoch; it depends only on (seed, epoch)."""
-    return torch.randperm(size, generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch))).tolist()
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return seed * 1_000_003 + epoch
-
-
 class _Run(TrainingSession):
     """One training session of a run folder: builds the optimiser, restores a checkpoint, runs the steps."""
 
@@ -345,29 +337,21 @@ class _Run(TrainingSession):
 
     # -- data ----------------------------------------------------------------------------------------------------
     def _micro_batches(self) -> Iterator[dict]:
-        """Micro-batches from the current step on, epoch after epoch (skipped images are never loaded)."""
-        epoch, batch_in_epoch = divmod(self.step, self.plan.steps_per_epoch)
-        while True:
-            yield from self._epoch_loader(epoch, batch_in_epoch)
-            epoch, batch_in_epoch = epoch + 1, 0
-
-    def _epoch_loader(self, epoch: int, batch_in_epoch: int):
-        batch_size = self.cfg.train.batch_size
-        set_epoch(self.dataset, epoch)
-        order = epoch_order(self.cfg.seed, epoch, len(self.dataset))
-        positions = distributed.shard_batches(batch_in_epoch, self.plan.steps_per_epoch, batch_size)
-        indices = [order[p] for p in positions]
-        return DataLoader(
-            self.dataset,
+        """Micro-batches from the current step to the stop step, from one loader whose workers serve every epoch
+        (skipped images are never loaded)."""
+        positions = EpochPositions(
+            self.step, self.stop, self.plan.steps_per_epoch, self.cfg.train.batch_size, len(self.dataset)
+        )
+        loader = DataLoader(
+            PassStream(self.dataset, self.cfg.seed),
             batch_size=self.plan.micro_batch,
-            sampler=indices,
+            sampler=positions,
             shuffle=False,
-            drop_last=True,
             num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-            generator=torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch)),
+            generator=torch.Generator().manual_seed(self.cfg.seed),
         )
+        yield from loader
 
     def _to_device(self, batch: dict) -> dict:
         out = {}

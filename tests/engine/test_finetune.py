@@ -19,7 +19,7 @@ from decon_med.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfi
 from decon_med.data.synthetic import make_isic, make_refuge
 from decon_med.engine import finetune as finetune_module
 from decon_med.engine.checkpoint import load_checkpoint
-from decon_med.engine.finetune import PassStream, finetune
+from decon_med.engine.finetune import finetune
 from decon_med.engine.optim import poly_schedule
 from decon_med.errors import DeconError
 from tests.engine.test_transfer import seeded_network, write_export
@@ -211,18 +211,6 @@ def test_label_fractions_are_nested_and_paired(data, tmp_path):
         ids[fraction, transfer] = set(split["ids"])
     assert ids[0.25, "random"] < ids[0.5, "random"]
     assert ids[0.5, "random"] == ids[0.5, "encoder"]  # every init sees the same images
-
-
-def test_stream_fills_batches_from_a_tiny_subset():
-    stream = PassStream(list(range(3)), seed=0)  # 3 images, batches of 4 straddle passes
-    located = [stream.locate(position) for position in range(12)]
-    assert [p for p, _ in located] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
-    for pass_index in range(4):
-        assert sorted(i for p, i in located if p == pass_index) == [
-            0,
-            1,
-            2,
-        ]  # each pass visits every image once
 
 
 def _assert_same_state(a: Path, b: Path) -> None:

@@ -19,7 +19,7 @@ from decon_med.config import DataConfig, ModelConfig, PretrainConfig, TrainConfi
 from decon_med.data.synthetic import make_isic
 from decon_med.engine.checkpoint import load_checkpoint
 from decon_med.engine.export import export
-from decon_med.engine.pretrain import epoch_order, pretrain
+from decon_med.engine.pretrain import pretrain
 from decon_med.errors import DeconError
 from decon_med.models.network import build_network, features
 from decon_med.ssl.base import SSLMethod
@@ -149,12 +149,6 @@ def test_run_folder_contents(reference):
     assert state["network_meta"] == {"arch": "unet", "encoder": "resnet18", "in_channels": 3, "classes": 1}
     assert state["config"]["train"]["batch_size"] == 4 and state["scaler"] is None
     assert load_checkpoint(run_dir / "checkpoints" / "step_0000003.ckpt")["step"] == 3
-
-
-def test_epoch_order_depends_only_on_seed_and_epoch():
-    assert epoch_order(0, 1, 8) == epoch_order(0, 1, 8)
-    assert sorted(epoch_order(0, 1, 8)) == list(range(8))
-    assert epoch_order(0, 1, 8) != epoch_order(0, 2, 8)
 
 
 def test_dataset_smaller_than_a_batch(isic, tmp_path):
