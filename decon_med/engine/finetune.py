@@ -15,7 +15,9 @@ A run folder (``cfg.out_dir``) holds::
     done.json          final iteration and wall time, once the run has finished
 
 Every checkpoint is a fine-tuning checkpoint of :mod:`decon_med.engine.model_io` (``load_segmentation_model``
-and ``decon-med evaluate`` read it); ``last.ckpt`` and the numbered ones also hold the training state.
+and ``decon-med evaluate`` read it); ``last.ckpt`` and the numbered ones also hold the training state. With
+``train.prune_finished`` (set by experiment grids) a finished run keeps only the selected weights: ``best.ckpt``,
+or ``last.ckpt`` without its training state, and no numbered checkpoints; such a run cannot be resumed.
 
 **Data.** The training images are ``split_fraction(train, fraction, seed)``. They are read as an endless stream
 of passes: pass ``p`` visits the subset in the order ``epoch_order(seed, p, n)`` with the augmentations of epoch
