@@ -217,7 +217,8 @@ def _check_run_folder(
             f"{root}: finished run kept only its selected weights (train.prune_finished); nothing to resume"
         )
         if not paths.last.is_file():
-            raise DeconError(pruned if paths.done.is_file() else f"{root}: no last.ckpt to resume from")
+            was_pruned = paths.done.is_file() and cfg.train.prune_finished
+            raise DeconError(pruned if was_pruned else f"{root}: no last.ckpt to resume from")
         checkpoint = load_checkpoint(paths.last)
         if "optimizer" not in checkpoint:
             raise DeconError(pruned)
