@@ -53,9 +53,17 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of ``tensor`` over processes (the tensor itself in one process)."""
     if not is_distributed():
         return tensor
+    return all_reduce_sum(tensor) / world_size()
+
+
+@torch.no_grad()
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of ``tensor`` over processes (the tensor itself in one process)."""
+    if not is_distributed():
+        return tensor
     out = tensor.clone()
     dist.all_reduce(out)
-    return out / world_size()
+    return out
 
 
 def launched_by_torchrun() -> bool:

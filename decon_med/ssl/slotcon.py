@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from decon_med.distributed import all_gather_no_grad, all_reduce_mean, rank
+from decon_med.distributed import all_gather_no_grad, all_reduce_mean, all_reduce_sum, rank, world_size
 from decon_med.models.heads import MLP, MLP2d, SemanticGrouping
 from decon_med.ssl.ema import frozen_copy, update_momentum
 
@@ -142,21 +142,29 @@ class SlotConHead(nn.Module):
     def _slot_contrast(
         self, q: torch.Tensor, k: torch.Tensor, score_q: torch.Tensor, score_k: torch.Tensor
     ) -> torch.Tensor:
-        """InfoNCE over slots that own at least one pixel in both views (negatives: the other teacher slots)."""
+        """InfoNCE over slots that own at least one pixel in both views (negatives: the other teacher slots).
+
+        The mean runs over the query slots of every process, so N processes with B/N images each give the loss and
+        (after DDP's gradient average) the gradients of one process with B images.
+        """
         b, num_k, _ = q.shape
         present_q = _owned_prototypes(score_q).view(-1)
         present_k = _owned_prototypes(score_k).view(-1)
         idx_q = (present_q & present_k).nonzero().squeeze(-1)
+        # Every collective runs on every process, before any process leaves early.
         all_present_k = all_gather_no_grad(present_k)
-        idx_k = all_present_k.nonzero().squeeze(-1)
-        if idx_q.numel() < 2:
-            # BatchNorm in the predictor needs two samples; such a tiny batch contributes no slot term.
+        all_keys = all_gather_no_grad(k.flatten(0, 1))
+        # BatchNorm in the predictor needs two samples; a process with fewer contributes no slot term.
+        count = idx_q.numel() if idx_q.numel() >= 2 else 0
+        total = all_reduce_sum(torch.tensor(float(count), device=q.device))
+        if count == 0:
             return q.sum() * 0.0
-        keys = F.normalize(all_gather_no_grad(k.flatten(0, 1)).float(), dim=1)[idx_k]
+        keys = F.normalize(all_keys.float(), dim=1)[all_present_k.nonzero().squeeze(-1)]
         queries = F.normalize(self.predictor(q.flatten(0, 1)[idx_q]).float(), dim=1)
         logits = queries @ keys.t() / self.slot_temp
         labels = all_present_k.long().cumsum(0)[idx_q + b * num_k * rank()] - 1
-        return F.cross_entropy(logits, labels) * (2.0 * self.slot_temp)
+        loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+        return loss_sum * (world_size() / total) * (2.0 * self.slot_temp)
 
     @torch.no_grad()
     def _update_center(self, teacher_scores: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,9 @@ from tests.ssl.test_slotcon_decon import TINY, make_batch
 BATCH = 4
 METHOD_OVERRIDES = {
     "decon_sl_densecl": ["ssl.alpha=0.5", "ssl.queue_size=16", "ssl.dense_warmup_steps=0"],
-    "slotcon": ["ssl.group_loss_weight=1.0"],  # slot InfoNCE averages over a rank's own slots: not comparable
+    "slotcon": [],
+    # Skip dropout draws other masks in each process; the equivalence is about everything else.
+    "decon_ml": ["ssl.alpha=0.5", "ssl.levels=[0, 2, 4]", "ssl.skip_dropout=0.0"],
 }
 
 
@@ -41,12 +44,21 @@ def _method(name: str):
     return method
 
 
-def _step(method, model, batch: dict) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _step(method, model, batch: dict) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """Loss parts (detached), gradients and the cross-process buffers after one forward and backward."""
     out = model(batch)
     out["loss"].backward()
     grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
     buffers = {n: b.clone() for n, b in method.named_buffers() if n.endswith(("queue_global", "center"))}
-    return out["loss"].detach(), grads, buffers
+    return {k: v.detach() for k, v in out.items()}, grads, buffers
+
+
+def _batch() -> dict:
+    """A batch whose halves hold different numbers of slots: the last image is flat, so it owns one prototype."""
+    batch = make_batch(BATCH)
+    batch["view1"][-1] = 0.0
+    batch["view2"][-1] = 0.0
+    return batch
 
 
 def _half(batch: dict, rank: int) -> dict:
@@ -60,7 +72,8 @@ def _equivalence_worker(rank: int, store: str, name: str, out: str) -> None:
     try:
         method = _method(name)
         model = nn.parallel.DistributedDataParallel(method, find_unused_parameters=True)
-        loss, grads, buffers = _step(method, model, _half(make_batch(BATCH), rank))
+        parts, grads, buffers = _step(method, model, _half(_batch(), rank))
+        loss = parts["loss"].clone()
         dist.all_reduce(loss)
         if rank == 0:
             torch.save({"loss": loss / 2, "grads": grads, "buffers": buffers}, out)
@@ -68,20 +81,49 @@ def _equivalence_worker(rank: int, store: str, name: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", ["decon_sl_densecl", "slotcon"])
+@pytest.mark.parametrize("name", list(METHOD_OVERRIDES))
 def test_two_processes_with_half_batches_match_one_process(tmp_path, name):
     out = tmp_path / "ddp.pt"
     mp.spawn(_equivalence_worker, args=(str(tmp_path / "store"), name, str(out)), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     method = _method(name)
-    loss, grads, buffers = _step(method, method, make_batch(BATCH))
-    assert torch.allclose(ddp["loss"], loss, atol=1e-5)
+    parts, grads, buffers = _step(method, method, _batch())
+    slot_terms = [v for k, v in parts.items() if k.endswith("slot")]
+    assert all(v > 0 for v in slot_terms)  # the slot InfoNCE is part of the compared loss
+    assert torch.allclose(ddp["loss"], parts["loss"], atol=1e-5)
     assert ddp["grads"].keys() == grads.keys() and len(grads) > 10
     for key, grad in grads.items():
         assert torch.allclose(ddp["grads"][key], grad, atol=1e-5, rtol=1e-3), key
     assert buffers  # queues (keys gathered in rank order) or centres (all-reduced) match
     for key, value in buffers.items():
         assert torch.allclose(ddp["buffers"][key], value, atol=1e-5), key
+
+
+def _no_slot_worker(rank: int, store: str, out: str) -> None:
+    """Rank 1 finds no slot present in both views: it must still join every collective of rank 0."""
+    from decon_med.ssl import slotcon
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    try:
+        if rank == 1:
+            slotcon._owned_prototypes = lambda scores: torch.zeros(scores.shape[:2], dtype=torch.bool)
+        method = _method("slotcon")
+        model = nn.parallel.DistributedDataParallel(method, find_unused_parameters=True)
+        parts, _, _ = _step(method, model, _half(_batch(), rank))
+        torch.save(parts, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_process_without_slots_still_steps_with_the_others(tmp_path):
+    out = tmp_path / "parts"
+    mp.spawn(_no_slot_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1))
+    assert rank0["enc_slot"] > 0 and torch.isfinite(rank0["loss"])
+    assert rank1["enc_slot"] == 0 and torch.isfinite(rank1["loss"])
 
 
 def _free_port() -> int:
