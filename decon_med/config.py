@@ -301,6 +301,9 @@ class SSLConfig:
         contrast_temp: DenseCL: InfoNCE temperature of the global and dense losses (0.2).
         dense_weight: DenseCL: lambda in ``(1 - lambda) * global + lambda * dense`` (0.5).
         dense_warmup_steps: DenseCL: lambda is held at 0 for this many optimiser steps (small datasets need it).
+        shuffle_bn: DenseCL under torchrun: the key encoder sees the global batch, shuffled each step in an order
+            shared by every process (MoCo's shuffle BN), so BatchNorm statistics cannot tell which key matches a
+            query; no effect in one process.
         mask_ratio: MIM: fraction of patches masked (0.75).
         mask_patch: MIM: side of a masked patch in pixels (must divide data.image_size).
         mask_fill: MIM: masked patches are replaced by a learnable ``token`` or by ``zero``.
@@ -327,6 +330,7 @@ class SSLConfig:
     contrast_temp: float = 0.2
     dense_weight: float = 0.5
     dense_warmup_steps: int = 1000
+    shuffle_bn: bool = True
     mask_ratio: float = 0.75
     mask_patch: int = 32
     mask_fill: MaskFill = "token"

@@ -142,6 +142,38 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@torch.no_grad()
+def shuffle_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This process's share of the global batch in a random order shared by every process (MoCo's shuffle BN).
+
+    Every process must hold the same number of samples. Returns the shuffled share and the inverse permutation
+    for :func:`unshuffle_batch`; one process gets ``(x, None)``.
+
+    Example:
+        >>> local, inverse = shuffle_batch(images)      # the key encoder's BatchNorm sees a mixed batch
+        >>> keys = unshuffle_batch(key_encoder(local), inverse)   # back in this process's own order
+    """
+    if not is_distributed():
+        return x, None
+    gathered = all_gather_no_grad(x)
+    if rank() == 0:
+        permutation = torch.randperm(len(gathered), device=x.device)
+    else:
+        permutation = torch.empty(len(gathered), dtype=torch.long, device=x.device)
+    dist.broadcast(permutation, src=0)
+    share = slice(rank() * len(x), (rank() + 1) * len(x))
+    return gathered[permutation[share]], torch.argsort(permutation)
+
+
+@torch.no_grad()
+def unshuffle_batch(x: torch.Tensor, inverse: torch.Tensor | None) -> torch.Tensor:
+    """Undo :func:`shuffle_batch` on a result computed from the shuffled share (the identity for ``None``)."""
+    if inverse is None:
+        return x
+    share = slice(rank() * len(x), (rank() + 1) * len(x))
+    return all_gather_no_grad(x)[inverse[share]]
+
+
 def shard_batches(start: int, stop: int, batch_size: int) -> list[int]:
     """Positions of this process's share of global batches ``start .. stop - 1`` of a stream.
 

@@ -222,7 +222,7 @@ def _check_run_folder(
         checkpoint = load_checkpoint(paths.last)
         if "optimizer" not in checkpoint:
             raise DeconError(pruned)
-        check_resumable(checkpoint["config"], to_dict(cfg), root)
+        check_resumable(checkpoint["config"], to_dict(cfg), root, defaults=to_dict(type(cfg)()))
         return checkpoint
     if paths.done.is_file():
         raise DeconError(f"{root}: finished run exists; pass --overwrite to replace it")
@@ -233,17 +233,25 @@ def _check_run_folder(
     return None
 
 
-def check_resumable(saved: dict[str, Any], new: dict[str, Any], root: Path) -> None:
+def check_resumable(
+    saved: dict[str, Any], new: dict[str, Any], root: Path, defaults: dict[str, Any] | None = None
+) -> None:
     """Raise a DeconError naming every config key that differs (except :data:`RESUMABLE_KEYS`).
 
-    ``train.epochs`` may only grow.
+    ``train.epochs`` may only grow. A key the saved config does not hold (a run written before the key existed) is
+    no difference when the new config leaves it at its value in ``defaults``.
     """
     old_flat, new_flat = flatten(saved), flatten(new)
-    differing = sorted(
-        key
-        for key in old_flat.keys() | new_flat.keys()
-        if key not in RESUMABLE_KEYS and old_flat.get(key) != new_flat.get(key)
-    )
+    default_flat = flatten(defaults) if defaults is not None else {}
+
+    def differs(key: str) -> bool:
+        if key in RESUMABLE_KEYS:
+            return False
+        if key not in old_flat and key in default_flat and new_flat.get(key) == default_flat[key]:
+            return False
+        return old_flat.get(key) != new_flat.get(key)
+
+    differing = sorted(key for key in old_flat.keys() | new_flat.keys() if differs(key))
     if differing:
         details = ", ".join(f"{k} ({old_flat.get(k)!r} -> {new_flat.get(k)!r})" for k in differing)
         raise DeconError(f"{root}: cannot resume, the config differs from the saved run in {details}")

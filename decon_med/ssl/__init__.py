@@ -58,7 +58,7 @@ def _build_slotcon_family(cfg: PretrainConfig) -> SSLMethod:
 
 
 def _build_densecl_family(cfg: PretrainConfig) -> SSLMethod:
-    return _build_decon(cfg, _densecl_heads(cfg))
+    return _build_decon(cfg, _densecl_heads(cfg), shuffle_bn=cfg.ssl.shuffle_bn)
 
 
 def _build_mim(cfg: PretrainConfig) -> SSLMethod:
@@ -67,7 +67,7 @@ def _build_mim(cfg: PretrainConfig) -> SSLMethod:
     return build_mim(cfg)
 
 
-def _build_decon(cfg: PretrainConfig, heads: HeadFactory) -> SSLMethod:
+def _build_decon(cfg: PretrainConfig, heads: HeadFactory, shuffle_bn: bool = False) -> SSLMethod:
     """The encoder method (``slotcon`` / ``densecl``) or its DeCon variant around the heads of ``heads``."""
     s = cfg.ssl
     encoder_only = s.method in ENCODER_ONLY_METHODS
@@ -81,6 +81,7 @@ def _build_decon(cfg: PretrainConfig, heads: HeadFactory) -> SSLMethod:
         in_channels=cfg.data.in_channels,
         teacher_momentum=s.teacher_momentum,
         momentum_schedule=s.momentum_schedule,
+        shuffle_teacher_bn=shuffle_bn,
     )
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from decon_med.config import MomentumSchedule
+from decon_med.distributed import shuffle_batch, unshuffle_batch
 from decon_med.errors import ConfigError
 from decon_med.models.network import features, level_channels
 from decon_med.ssl.base import SSLMethod
@@ -56,6 +57,8 @@ class DeCon(SSLMethod):
         in_channels: input channels (to probe the level widths).
         teacher_momentum: EMA momentum of the teacher (the start of the cosine schedule, or the constant).
         momentum_schedule: ``cosine`` (teacher_momentum -> 1, SlotCon) or ``constant`` (DenseCL).
+        shuffle_teacher_bn: under torchrun, run the teacher on a share of the global batch shuffled across
+            processes and restore the order after (MoCo's shuffle BN); nothing changes in one process.
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class DeCon(SSLMethod):
         in_channels: int = 3,
         teacher_momentum: float = 0.99,
         momentum_schedule: MomentumSchedule = "cosine",
+        shuffle_teacher_bn: bool = False,
     ):
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
@@ -83,6 +87,7 @@ class DeCon(SSLMethod):
         self.dec_grid = dec_grid
         self.teacher_momentum = teacher_momentum
         self.momentum_schedule = momentum_schedule
+        self.shuffle_teacher_bn = shuffle_teacher_bn
         self.network = network
         self.teacher = frozen_copy(network)
         self.enc_head = head_factory(enc_channels[-1], False)
@@ -107,7 +112,7 @@ class DeCon(SSLMethod):
         ]
         with torch.no_grad():
             teacher = [
-                features(self.teacher, v, None, decoder=decoder) if self.symmetric or i == 1 else None
+                self._teacher_features(v, decoder) if self.symmetric or i == 1 else None
                 for i, v in enumerate(views)
             ]
 
@@ -149,6 +154,18 @@ class DeCon(SSLMethod):
         return [
             (n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("teacher.")
         ]
+
+    def _teacher_features(self, x: torch.Tensor, decoder: bool) -> tuple[list, list]:
+        """The teacher's levels of ``x``; with ``shuffle_teacher_bn``, computed on a shuffled share of the global
+        batch (only the levels the heads read are brought back, the others are ``None``)."""
+        if not self.shuffle_teacher_bn:
+            return features(self.teacher, x, None, decoder=decoder)
+        local, inverse = shuffle_batch(x)
+        enc, dec = features(self.teacher, local, None, decoder=decoder)
+        used_dec = set(self.levels) if decoder else set()
+        enc = [unshuffle_batch(m, inverse) if i == len(enc) - 1 else None for i, m in enumerate(enc)]
+        dec = [unshuffle_batch(m, inverse) if i in used_dec else None for i, m in enumerate(dec)]
+        return enc, dec
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.dec_grid and max(x.shape[-2:]) > self.dec_grid:

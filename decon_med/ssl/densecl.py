@@ -13,8 +13,8 @@ view 2, as in the reference (the loss is not symmetrised, so each view runs thro
   steps (the loss climbs on small datasets without it) and ``dense_weight`` afterwards.
 
 The queues and the step counter are buffers, so they are saved in checkpoints and a resumed run continues exactly.
-The key encoder's BatchNorm sees the whole key batch of one process (the reference shuffles the key batch across
-GPUs, which one process cannot do). DenseCL is :class:`decon_med.ssl.decon.DeCon` with these heads and no decoder
+Under torchrun the key encoder runs on a share of the global key batch shuffled across processes, as in the
+reference (MoCo's shuffle BN, ``ssl.shuffle_bn``); in one process its BatchNorm sees the whole key batch. DenseCL is :class:`decon_med.ssl.decon.DeCon` with these heads and no decoder
 level; DeCon-SL / DeCon-ML give decoder levels their own heads and queues.
 
 Example:

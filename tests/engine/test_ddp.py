@@ -126,6 +126,31 @@ def test_a_process_without_slots_still_steps_with_the_others(tmp_path):
     assert rank1["enc_slot"] == 0 and torch.isfinite(rank1["loss"])
 
 
+def _shuffle_worker(rank: int, store: str, out: str) -> None:
+    from decon_med.distributed import all_gather_no_grad, shuffle_batch, unshuffle_batch
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        own = torch.arange(4.0) + 4 * rank
+        local, inverse = shuffle_batch(own)
+        restored = unshuffle_batch(local * 10, inverse)
+        torch.save({"local": local, "all": all_gather_no_grad(local), "restored": restored}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shuffled_shares_cover_the_global_batch_and_come_back_in_order(tmp_path):
+    out = tmp_path / "shuffle"
+    mp.spawn(_shuffle_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1)]
+    assert sorted(ranks[0]["all"].tolist()) == list(range(8))  # a permutation of the global batch
+    assert torch.equal(ranks[0]["all"], ranks[1]["all"])  # the same order on every process
+    assert not torch.equal(ranks[0]["all"], torch.arange(8.0))  # actually shuffled
+    for r, result in enumerate(ranks):
+        assert torch.equal(result["restored"], (torch.arange(4.0) + 4 * r) * 10)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,6 +1,7 @@
 """The pre-training engine and export, driven by a tiny BYOL-like method on synthetic ISIC images."""
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -19,7 +20,7 @@ from decon_med.config import DataConfig, ModelConfig, PretrainConfig, TrainConfi
 from decon_med.data.synthetic import make_isic
 from decon_med.engine.checkpoint import load_checkpoint
 from decon_med.engine.export import export
-from decon_med.engine.pretrain import pretrain
+from decon_med.engine.pretrain import check_resumable, pretrain
 from decon_med.errors import DeconError
 from decon_med.models.network import build_network, features
 from decon_med.ssl.base import SSLMethod
@@ -228,6 +229,19 @@ def test_resume_checks_the_config_and_may_extend_epochs(isic, tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"] == 2
     with pytest.raises(DeconError, match="may only be extended"):
         run(make_cfg(isic, out, epochs=1), resume=True)
+
+
+def test_a_key_newer_than_the_saved_run_is_no_difference_at_its_default(tmp_path):
+    defaults = to_dict(PretrainConfig())
+    saved = copy.deepcopy(defaults)
+    del saved["ssl"]["shuffle_bn"]  # a run written before the key existed
+    check_resumable(saved, defaults, tmp_path, defaults=defaults)
+    changed = copy.deepcopy(defaults)
+    changed["ssl"]["shuffle_bn"] = False
+    with pytest.raises(DeconError, match=r"ssl\.shuffle_bn \(None -> False\)"):
+        check_resumable(saved, changed, tmp_path, defaults=defaults)
+    with pytest.raises(DeconError, match=r"ssl\.shuffle_bn \(None -> True\)"):
+        check_resumable(saved, defaults, tmp_path)  # without defaults a missing key is a difference
 
 
 @pytest.mark.parametrize(("log_every", "detected_by"), [(1, "log"), (100, "checkpoint")])
