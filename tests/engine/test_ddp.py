@@ -171,13 +171,13 @@ def _torchrun(argv: list[str]) -> None:
     mp.spawn(_cli_worker, args=(_free_port(), argv), nprocs=2, join=True)
 
 
-def test_torchrun_pretrain_writes_once_and_resumes(synth_root, tmp_path, capsys):
-    out = tmp_path / "run"
+def _torchrun_config(synth_root: Path, tmp_path: Path, method: str, out: Path) -> Path:
     cfg = load_config(
         None,
         [
             *TINY,
-            "ssl.method=slotcon",
+            f"ssl.method={method}",
+            *METHOD_OVERRIDES[method],
             "data.name=isic2017",
             f"data.root={synth_root / 'isic'}",
             "data.num_workers=0",
@@ -189,8 +189,15 @@ def test_torchrun_pretrain_writes_once_and_resumes(synth_root, tmp_path, capsys)
         ],
         schema=PretrainConfig,
     )
-    config = tmp_path / "cfg.yaml"
+    config = tmp_path / f"{out.name}.yaml"
     save_config(cfg, config)
+    return config
+
+
+@pytest.mark.parametrize("method", ["slotcon", "decon_sl_densecl"])
+def test_torchrun_pretrain_writes_once_and_resumes_exactly(synth_root, tmp_path, capsys, method):
+    out = tmp_path / "run"
+    config = _torchrun_config(synth_root, tmp_path, method, out)
     _torchrun(["pretrain", str(config), "--quiet", "--max-steps", "2"])
     state = load_checkpoint(out / "last.ckpt")
     assert state["step"] == 2 and state["world_size"] == 2 and len(state["rng_ranks"]) == 2
@@ -205,6 +212,14 @@ def test_torchrun_pretrain_writes_once_and_resumes(synth_root, tmp_path, capsys)
         "step_0000002.ckpt",
         "step_0000004.ckpt",
     ]
+    # The same run without the interruption ends in the same state, bit for bit (RNG of every rank, queues,
+    # the shuffled key batches of DenseCL).
+    straight = tmp_path / "straight"
+    _torchrun(["pretrain", str(_torchrun_config(synth_root, tmp_path, method, straight)), "--quiet"])
+    uninterrupted = load_checkpoint(straight / "last.ckpt")["method"]
+    assert uninterrupted.keys() == done["method"].keys()
+    for key, value in uninterrupted.items():
+        assert torch.equal(value, done["method"][key]), key
 
     from decon_med.cli import main
 
