@@ -33,6 +33,7 @@ Amp = Literal["none", "bf16", "fp16"]
 Method = Literal["slotcon", "decon_sl", "decon_ml", "densecl", "decon_sl_densecl", "decon_ml_densecl", "mim"]
 MomentumSchedule = Literal["cosine", "constant"]
 MaskFill = Literal["token", "zero"]
+ExportBranch = Literal["auto", "teacher", "student"]
 
 #: Methods that train the encoder only (alpha must be 1).
 ENCODER_ONLY_METHODS = ("slotcon", "densecl")
@@ -308,6 +309,9 @@ class SSLConfig:
         mask_patch: MIM: side of a masked patch in pixels (must divide data.image_size).
         mask_fill: MIM: masked patches are replaced by a learnable ``token`` or by ``zero``.
         norm_pix_loss: MIM: targets normalised per patch (mean 0, std 1) before the loss (MAE: better features).
+        export_branch: which network is exported and fine-tuned: ``teacher`` (the EMA network, which the SlotCon
+            reference transfers), ``student`` (the back-propagated network; DenseCL's reference extracts its query
+            encoder) or ``auto``: the teacher for the SlotCon family, the student for the DenseCL family and MIM.
     """
 
     method: Method = "slotcon"
@@ -335,6 +339,7 @@ class SSLConfig:
     mask_patch: int = 32
     mask_fill: MaskFill = "token"
     norm_pix_loss: bool = True
+    export_branch: ExportBranch = "auto"
 
     def validate(self) -> None:
         _check(0.0 <= self.alpha <= 1.0, "ssl.alpha", f"must be in [0, 1], got {self.alpha}")
@@ -364,6 +369,11 @@ class SSLConfig:
         _check(self.dense_warmup_steps >= 0, "ssl.dense_warmup_steps", "must be >= 0")
         _check(0.0 < self.mask_ratio < 1.0, "ssl.mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
         _check(self.mask_patch >= 1, "ssl.mask_patch", "must be >= 1")
+        _check(
+            not (self.method == "mim" and self.export_branch == "teacher"),
+            "ssl.export_branch",
+            "mim has no teacher network (use auto or student)",
+        )
 
 
 @dataclass

@@ -98,8 +98,8 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from a ``.safetensors`` file or a torch file (``.pth``, ``.pt``, ``.ckpt``, ...).
 
     A torch file may hold the state dict itself, a checkpoint dict with a ``network``, ``state_dict`` or
-    ``model`` entry, or a pre-training checkpoint of this package, whose student network (the method state's
-    ``network.*`` entries) is returned.
+    ``model`` entry, or a pre-training checkpoint of this package, whose exported network (see
+    :func:`pretrained_network_state`) is returned.
 
     Raises:
         DataError: the file is missing, unreadable or holds no state dict (the message names the file).
@@ -130,6 +130,17 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def pretrained_network_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The smp state dict of the network a pre-training checkpoint exports: the method state's ``teacher.*`` or
+    ``network.*`` entries, as its ``network_meta["state_prefix"]`` says (checkpoints without it: ``network.*``).
+
+    Example:
+        >>> network.load_state_dict(pretrained_network_state(load_checkpoint("runs/ml/last.ckpt")))
+    """
+    prefix = (checkpoint.get("network_meta") or {}).get("state_prefix", "network.")
+    return {k.removeprefix(prefix): v for k, v in checkpoint["method"].items() if k.startswith(prefix)}
+
+
 def _find_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     if not isinstance(obj, dict):
         return None
@@ -137,10 +148,7 @@ def _find_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
         if isinstance(obj.get(key), dict):
             return _find_state_dict(obj[key])
     if isinstance(obj.get("method"), dict):
-        network = {
-            k.removeprefix("network."): v for k, v in obj["method"].items() if k.startswith("network.")
-        }
-        return network or None
+        return pretrained_network_state(obj) or None
     if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         return dict(obj)
     return None

@@ -1,11 +1,15 @@
-"""Export the student network of a pre-training checkpoint as plain weight files for fine-tuning.
+"""Export the pre-trained network of a checkpoint as plain weight files for fine-tuning.
+
+The exported network is the method's choice (``ssl.export_branch``): the EMA teacher for the SlotCon family, as
+its reference transfers, the student for the DenseCL family and MIM.
 
 ``export(ckpt, out)`` writes::
 
     encoder.safetensors           the encoder entries of the smp state dict (keys start with ``encoder.``)
     encoder_decoder.safetensors   encoder and decoder entries (the task-specific segmentation head is left out)
     smp/                          the whole network via smp's ``save_pretrained`` (config.json, model.safetensors)
-    export.json                   arch, encoder, in_channels, classes, source checkpoint and step
+    export.json                   arch, encoder, in_channels, classes, branch (teacher or student), source
+                                  checkpoint and step
 
 Keys are those of the smp model, so ``model.load_state_dict(load_file("encoder.safetensors"), strict=False)``
 loads the encoder of a fresh ``smp.create_model(arch, encoder_name=...)`` and reports only decoder and head keys
@@ -30,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from decon_med.config import ModelConfig
-from decon_med.engine.checkpoint import load_checkpoint
+from decon_med.engine.checkpoint import load_checkpoint, pretrained_network_state
 from decon_med.errors import DataError, DeconError
 
 #: Output names, as returned by :func:`export`.
@@ -45,7 +49,7 @@ OUTPUTS: dict[str, str] = {
 def export(
     checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False
 ) -> dict[str, Path]:
-    """Write the student network of a pre-training checkpoint to ``out_dir``.
+    """Write the pre-trained network of a checkpoint (teacher or student, as the run recorded) to ``out_dir``.
 
     Args:
         checkpoint_path: a checkpoint written by :func:`decon_med.engine.pretrain.pretrain`.
@@ -76,7 +80,13 @@ def export(
         _select(state, ("encoder.", "decoder.")), str(paths["encoder_decoder"]), metadata={"format": "pt"}
     )
     network.save_pretrained(str(paths["smp"]))
-    record = {**meta, "source": str(checkpoint_path.resolve()), "step": int(checkpoint.get("step", 0))}
+    branch = (checkpoint.get("network_meta") or {}).get("state_prefix", "network.")
+    record = {
+        **meta,
+        "branch": "teacher" if branch == "teacher." else "student",
+        "source": str(checkpoint_path.resolve()),
+        "step": int(checkpoint.get("step", 0)),
+    }
     paths["meta"].write_text(json.dumps(record, indent=1) + "\n")
     return paths
 
@@ -97,7 +107,7 @@ def checkpoint_meta(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def rebuild_network(checkpoint: dict[str, Any], meta: dict[str, Any], path: Path) -> torch.nn.Module:
-    """Build the smp network of ``meta`` and load the method state's ``network.*`` entries into it (strictly)."""
+    """Build the smp network of ``meta`` and load the exported network's weights into it (strictly)."""
     from decon_med.models.network import build_network
 
     network = build_network(
@@ -105,11 +115,10 @@ def rebuild_network(checkpoint: dict[str, Any], meta: dict[str, Any], path: Path
         in_channels=meta["in_channels"],
         classes=meta["classes"],
     )
-    state = {
-        k.removeprefix("network."): v for k, v in checkpoint["method"].items() if k.startswith("network.")
-    }
+    state = pretrained_network_state(checkpoint)
     if not state:
-        raise DataError(path, "the method state holds no 'network.*' entries")
+        prefix = (checkpoint.get("network_meta") or {}).get("state_prefix", "network.")
+        raise DataError(path, f"the method state holds no '{prefix}*' entries")
     try:
         network.load_state_dict(state)
     except RuntimeError as exc:

@@ -340,7 +340,7 @@ class _Run(TrainingSession):
             "batch_in_epoch": batch_in_epoch,
             "steps_per_epoch": self.plan.steps_per_epoch,
             "config": to_dict(self.cfg),
-            "network_meta": network_meta(self.cfg, self.method.network),
+            "network_meta": network_meta(self.cfg, self.method),
             **self.training_state(),
         }
 
@@ -490,15 +490,17 @@ def _truncate_csv(path: Path, last_step: int) -> tuple[list[str] | None, int]:
     return list(columns), len(rows)
 
 
-def network_meta(cfg: PretrainConfig, network: nn.Module) -> dict[str, Any]:
-    """What is needed to rebuild the student network: arch, encoder, in_channels and classes."""
-    head = getattr(network, "segmentation_head", None)
+def network_meta(cfg: PretrainConfig, method: SSLMethod) -> dict[str, Any]:
+    """What is needed to rebuild the exported network: arch, encoder, in_channels, classes and the method state's
+    prefix of its weights (``network.`` for the student, ``teacher.`` for the EMA teacher)."""
+    head = getattr(method.network, "segmentation_head", None)
     convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)] if head is not None else []
     return {
         "arch": cfg.model.arch,
         "encoder": cfg.model.encoder,
         "in_channels": cfg.data.in_channels,
         "classes": convs[-1].out_channels if convs else 1,
+        "state_prefix": method.export_prefix,
     }
 
 

@@ -54,11 +54,13 @@ def _densecl_heads(cfg: PretrainConfig) -> HeadFactory:
 
 
 def _build_slotcon_family(cfg: PretrainConfig) -> SSLMethod:
-    return _build_decon(cfg, _slotcon_heads(cfg))
+    # SlotCon's reference transfers the momentum (teacher) encoder.
+    return _build_decon(cfg, _slotcon_heads(cfg), export_teacher=True)
 
 
 def _build_densecl_family(cfg: PretrainConfig) -> SSLMethod:
-    return _build_decon(cfg, _densecl_heads(cfg), shuffle_bn=cfg.ssl.shuffle_bn)
+    # DenseCL's reference extracts the query (student) encoder.
+    return _build_decon(cfg, _densecl_heads(cfg), export_teacher=False, shuffle_bn=cfg.ssl.shuffle_bn)
 
 
 def _build_mim(cfg: PretrainConfig) -> SSLMethod:
@@ -67,9 +69,16 @@ def _build_mim(cfg: PretrainConfig) -> SSLMethod:
     return build_mim(cfg)
 
 
-def _build_decon(cfg: PretrainConfig, heads: HeadFactory, shuffle_bn: bool = False) -> SSLMethod:
-    """The encoder method (``slotcon`` / ``densecl``) or its DeCon variant around the heads of ``heads``."""
+def _build_decon(
+    cfg: PretrainConfig, heads: HeadFactory, export_teacher: bool, shuffle_bn: bool = False
+) -> SSLMethod:
+    """The encoder method (``slotcon`` / ``densecl``) or its DeCon variant around the heads of ``heads``.
+
+    ``export_teacher`` is the family's default for ``ssl.export_branch: auto``.
+    """
     s = cfg.ssl
+    if s.export_branch != "auto":
+        export_teacher = s.export_branch == "teacher"
     encoder_only = s.method in ENCODER_ONLY_METHODS
     return DeCon(
         build_network(cfg.model, in_channels=cfg.data.in_channels, classes=1),
@@ -82,6 +91,7 @@ def _build_decon(cfg: PretrainConfig, heads: HeadFactory, shuffle_bn: bool = Fal
         teacher_momentum=s.teacher_momentum,
         momentum_schedule=s.momentum_schedule,
         shuffle_teacher_bn=shuffle_bn,
+        export_teacher=export_teacher,
     )
 
 

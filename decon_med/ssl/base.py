@@ -9,7 +9,8 @@ from torch import nn
 class SSLMethod(nn.Module):
     """Base class of a pre-training method.
 
-    A method owns the student ``network`` (an smp model: exactly what is exported and fine-tuned), its own heads,
+    A method owns the student ``network`` (an smp model; it or a teacher copy is exported, see ``export_prefix``),
+    its own heads,
     and any teacher / queues / centres as sub-modules or buffers, so ``state_dict()`` captures everything a resume
     needs. The engine only calls:
 
@@ -27,6 +28,9 @@ class SSLMethod(nn.Module):
     """
 
     network: nn.Module
+    #: State-dict prefix of the network that is exported and fine-tuned: ``"network."`` (the student) or, for a
+    #: method with an EMA teacher that its reference transfers, ``"teacher."``.
+    export_prefix: str = "network."
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

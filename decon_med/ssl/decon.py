@@ -59,6 +59,7 @@ class DeCon(SSLMethod):
         momentum_schedule: ``cosine`` (teacher_momentum -> 1, SlotCon) or ``constant`` (DenseCL).
         shuffle_teacher_bn: under torchrun, run the teacher on a share of the global batch shuffled across
             processes and restore the order after (MoCo's shuffle BN); nothing changes in one process.
+        export_teacher: export and fine-tune the teacher (EMA) network instead of the student.
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class DeCon(SSLMethod):
         teacher_momentum: float = 0.99,
         momentum_schedule: MomentumSchedule = "cosine",
         shuffle_teacher_bn: bool = False,
+        export_teacher: bool = False,
     ):
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
@@ -88,6 +90,7 @@ class DeCon(SSLMethod):
         self.teacher_momentum = teacher_momentum
         self.momentum_schedule = momentum_schedule
         self.shuffle_teacher_bn = shuffle_teacher_bn
+        self.export_prefix = "teacher." if export_teacher else "network."
         self.network = network
         self.teacher = frozen_copy(network)
         self.enc_head = head_factory(enc_channels[-1], False)

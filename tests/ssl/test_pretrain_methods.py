@@ -1,5 +1,7 @@
 """The real methods through the engine: a kill-and-resume is bit-exact, and export loads into smp."""
 
+import json
+
 import pytest
 import segmentation_models_pytorch as smp
 import torch
@@ -9,6 +11,7 @@ from decon_med.cli import main
 from decon_med.config import PretrainConfig, load_config, save_config
 from decon_med.engine.checkpoint import load_checkpoint
 from decon_med.engine.pretrain import pretrain
+from decon_med.errors import ConfigError
 from tests.ssl.test_slotcon_decon import TINY
 
 
@@ -21,7 +24,7 @@ def isic(tmp_path_factory):
     return root
 
 
-def cfg_for(isic, out, method: str) -> PretrainConfig:
+def cfg_for(isic, out, method: str, *overrides: str) -> PretrainConfig:
     extra = {
         "slotcon": [],
         "decon_ml": ["ssl.alpha=0.25", "ssl.levels=[0, 2, 4]", "ssl.skip_dropout=0.5"],
@@ -49,6 +52,7 @@ def cfg_for(isic, out, method: str) -> PretrainConfig:
             "train.log_every=1",
             "train.lr=0.5",
             f"out_dir={out}",
+            *overrides,
         ],
         schema=PretrainConfig,
     )
@@ -82,10 +86,40 @@ def test_cli_pretrain_and_export_load_into_smp(isic, tmp_path, capsys):
     )
     assert result.unexpected_keys == []
     assert all(k.startswith("segmentation_head.") for k in result.missing_keys)
+    # The SlotCon family exports the EMA teacher, as SlotCon's reference transfers its momentum encoder.
+    assert json.loads((tmp_path / "export" / "export.json").read_text())["branch"] == "teacher"
     state = load_checkpoint(tmp_path / "run" / "last.ckpt")["method"]
     for key, value in model.state_dict().items():
         if key.startswith(("encoder.", "decoder.")):
-            assert torch.equal(value, state[f"network.{key}"]), key
+            assert torch.equal(value, state[f"teacher.{key}"]), key
+    assert any(
+        not torch.equal(state[f"teacher.{k}"], state[f"network.{k}"])
+        for k in model.state_dict()
+        if k.startswith("encoder.")
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "branch", "prefix"),
+    [
+        ("slotcon", "auto", "teacher."),
+        ("decon_ml", "auto", "teacher."),
+        ("decon_sl_densecl", "auto", "network."),
+        ("mim", "auto", "network."),
+        ("slotcon", "student", "network."),
+        ("decon_sl_densecl", "teacher", "teacher."),
+    ],
+)
+def test_export_branch_per_method(isic, tmp_path, method, branch, prefix):
+    from decon_med.ssl import build_method
+
+    cfg = cfg_for(isic, tmp_path, method, f"ssl.export_branch={branch}")
+    assert build_method(cfg).export_prefix == prefix
+
+
+def test_mim_has_no_teacher_to_export(isic, tmp_path):
+    with pytest.raises(ConfigError, match="ssl.export_branch"):
+        load_config(None, ["ssl.method=mim", "ssl.export_branch=teacher"], schema=PretrainConfig)
 
 
 def test_cli_bad_pretrain_config_is_one_line(tmp_path, capsys):
