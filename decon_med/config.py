@@ -34,6 +34,7 @@ Method = Literal["slotcon", "decon_sl", "decon_ml", "densecl", "decon_sl_densecl
 MomentumSchedule = Literal["cosine", "constant"]
 MaskFill = Literal["token", "zero"]
 ExportBranch = Literal["auto", "teacher", "student"]
+Photometric = Literal["byol", "mocov2"]
 
 #: Methods that train the encoder only (alpha must be 1).
 ENCODER_ONLY_METHODS = ("slotcon", "densecl")
@@ -140,6 +141,8 @@ class AugmentConfig:
         hflip: probability of a horizontal flip.
         vflip: probability of a vertical flip (fine-tuning only).
         color: colour / intensity augmentations on (suited to data.modality).
+        photometric: pre-training view recipe: ``byol`` (SlotCon / BYOL: blur always on view 1, rarely on view 2,
+            solarisation on view 2) or ``mocov2`` (DenseCL / MoCo v2: both views alike, blur p 0.5, saturation 0.4).
     """
 
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
@@ -148,6 +151,7 @@ class AugmentConfig:
     hflip: float = 0.5
     vflip: float = 0.0
     color: bool = True
+    photometric: Photometric = "byol"
 
     def validate(self) -> None:
         for key in ("crop_scale", "finetune_crop_scale"):

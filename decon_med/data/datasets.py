@@ -120,6 +120,7 @@ def build_transform(cfg: Config, mode: Mode, full_labels: bool = False):
             min_overlap=aug.min_overlap,
             hflip=aug.hflip,
             color=aug.color,
+            recipe=aug.photometric,
             **common,
         )
     if mode == "train":

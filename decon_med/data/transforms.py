@@ -164,10 +164,17 @@ def _resized_crop(array: np.ndarray, crop: Crop, size: int, interpolation: int) 
     return out
 
 
+def _resize_image(image: np.ndarray, crop: Crop, size: int) -> np.ndarray:
+    """Resized crop of an image: area averaging when the crop shrinks on both axes (no aliasing when a 2000 px
+    photograph becomes a 224 px view, like PIL's anti-aliased resize), bilinear otherwise."""
+    shrinks = crop[2] >= size and crop[3] >= size
+    return _resized_crop(image, crop, size, cv2.INTER_AREA if shrinks else cv2.INTER_LINEAR)
+
+
 def _resize_label(label: np.ndarray, crop: Crop, size: int) -> np.ndarray:
     """Nearest-neighbour resized crop of a class-index mask.
 
-    ``INTER_NEAREST_EXACT`` samples at pixel centres like the ``INTER_LINEAR`` image resize, so image and mask
+    ``INTER_NEAREST_EXACT`` samples at pixel centres like the image resize (bilinear or area), so image and mask
     stay aligned (plain ``INTER_NEAREST`` is biased by up to half a pixel).
     """
     out = _resized_crop(label.astype(np.int32), crop, size, cv2.INTER_NEAREST_EXACT)
@@ -245,16 +252,22 @@ def _blur(p: float) -> A.GaussianBlur:
     return A.GaussianBlur(blur_limit=0, sigma_limit=(0.1, 2.0), p=p)
 
 
-def _pretrain_photometric(colour: bool, view: int) -> A.Compose:
-    """The photometric augmentation of one pre-training view (1 or 2)."""
+def _pretrain_photometric(colour: bool, view: int, recipe: str = "byol") -> A.Compose:
+    """The photometric augmentation of one pre-training view (1 or 2) under ``recipe`` (``byol`` or ``mocov2``)."""
+    saturation = 0.4 if recipe == "mocov2" else 0.2
     if colour:
-        ops = [A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8), A.ToGray(p=0.2)]
+        ops = [
+            A.ColorJitter(brightness=0.4, contrast=0.4, saturation=saturation, hue=0.1, p=0.8),
+            A.ToGray(p=0.2),
+        ]
     else:
         ops = [
             A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.0, hue=0.0, p=0.8),
             A.RandomGamma(gamma_limit=(70, 150), p=0.5),
         ]
-    if view == 1:
+    if recipe == "mocov2":
+        ops.append(_blur(0.5))  # the same for both views
+    elif view == 1:
         ops.append(_blur(1.0))
     else:
         ops.append(_blur(0.1))
@@ -280,10 +293,11 @@ class TwoViewTransform(_RandomTransform):
     """Two overlapping random-resized crops of one image for dense SSL (SlotCon).
 
     Steps: sample crop 1, re-sample crop 2 until the crops overlap on at least ``min_overlap`` of the image
-    area (see :func:`_sample_two_crops`), resize both to ``size x size`` (bilinear), flip each horizontally with
-    probability ``hflip``, apply the photometric augmentation of the view, normalise.
+    area (see :func:`_sample_two_crops`), resize both to ``size x size`` (area averaging when shrinking, else
+    bilinear), flip each horizontally with probability ``hflip``, apply the photometric augmentation of the
+    view, normalise.
 
-    Photometric augmentation (``color=True``), following SlotCon / BYOL:
+    Photometric augmentation (``color=True``), ``recipe="byol"`` following SlotCon / BYOL:
 
     - ``rgb`` with 3 channels: ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, ToGray p 0.2, Gaussian blur sigma
       (0.1, 2.0) always on view 1 and p 0.1 on view 2, Solarize(0.5) p 0.2 on view 2.
@@ -291,6 +305,9 @@ class TwoViewTransform(_RandomTransform):
       for intensity images; brightness/contrast jitter (0.4, 0.4) p 0.8, random gamma in [0.7, 1.5] p 0.5, the
       same blur rule, and light Gaussian noise (std 0.01-0.04, identical on all channels) p 0.5 on view 2 in
       place of solarisation, which inverts tissue contrast.
+
+    ``recipe="mocov2"`` (DenseCL / MoCo v2) treats both views alike: ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8,
+    ToGray p 0.2 and blur p 0.5, no solarisation or noise (intensity images: the same jitter and gamma).
 
     Output keys: ``view1``, ``view2`` (C, size, size) float32; ``box1``, ``box2`` (4,) float32, the overlap of
     the two crops as ``[x0, y0, x1, y1]`` in [0, 1] of each view's own *unflipped* crop (x along width);
@@ -309,6 +326,7 @@ class TwoViewTransform(_RandomTransform):
         modality: ``rgb``, ``gray``, ``mr`` or ``ct``; selects the photometric augmentation.
         in_channels: channels of the output (1, or 3 with greyscale replicated).
         color: enable the photometric augmentation.
+        recipe: ``byol`` (asymmetric views, SlotCon) or ``mocov2`` (symmetric views, DenseCL).
         mean, std: normalisation; default :func:`default_normalisation`.
         seed: seed of the internal generator, used when a sample has no ``"seed"``.
 
@@ -330,6 +348,7 @@ class TwoViewTransform(_RandomTransform):
         modality: str = "rgb",
         in_channels: int = 3,
         color: bool = True,
+        recipe: str = "byol",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         seed: int | None = None,
@@ -337,6 +356,8 @@ class TwoViewTransform(_RandomTransform):
         super().__init__(seed)
         self.mean, self.std = _resolve_normalisation(in_channels, modality, mean, std)
         _check_crop_scale(crop_scale)
+        if recipe not in ("byol", "mocov2"):
+            raise ValueError(f"recipe must be 'byol' or 'mocov2', got {recipe!r}")
         if not 0 < ratio[0] <= ratio[1]:
             raise ValueError(f"ratio must satisfy 0 < low <= high, got {tuple(ratio)}")
         self.size = size
@@ -348,9 +369,12 @@ class TwoViewTransform(_RandomTransform):
         self.modality = modality
         self.in_channels = in_channels
         self.color = color
+        self.recipe = recipe
         colour = modality == "rgb" and in_channels == 3
         self._photometric = (
-            (_pretrain_photometric(colour, 1), _pretrain_photometric(colour, 2)) if color else None
+            (_pretrain_photometric(colour, 1, recipe), _pretrain_photometric(colour, 2, recipe))
+            if color
+            else None
         )
 
     def __call__(self, data: dict) -> dict:
@@ -365,7 +389,7 @@ class TwoViewTransform(_RandomTransform):
 
         out = {key: value for key, value in data.items() if key not in ("image", "label")}
         for k, (crop, flip) in enumerate(zip(crops, flips, strict=True), start=1):
-            view = _resized_crop(image, crop, self.size, cv2.INTER_LINEAR)
+            view = _resize_image(image, crop, self.size)
             if flip:
                 view = view[:, ::-1]
             if self._photometric is not None:
@@ -379,8 +403,8 @@ class TwoViewTransform(_RandomTransform):
 class SegTrainTransform(_RandomTransform):
     """Fine-tuning augmentation of an image and its mask.
 
-    Random resized crop (area fraction in ``crop_scale``, aspect ratio in [3/4, 4/3]) resized to
-    ``size x size`` (bilinear image, nearest mask), horizontal / vertical flips, then mild intensity jitter:
+    Random resized crop (area fraction in ``crop_scale``, aspect ratio in [3/4, 4/3]) resized to ``size x size``
+    (area-averaged or bilinear image, nearest mask), horizontal / vertical flips, then mild intensity jitter:
     ColorJitter(0.2, 0.2, 0.1, 0.02) p 0.5 for 3-channel ``rgb``, brightness/contrast (0.1, 0.1) p 0.5 for the
     greyscale modalities. A missing or None ``label`` is left out of the output.
 
@@ -432,7 +456,7 @@ class SegTrainTransform(_RandomTransform):
         crop = _sample_crop(rng, image.shape[0], image.shape[1], self.crop_scale, self.ratio)
         do_hflip, do_vflip = rng.random() < self.hflip, rng.random() < self.vflip
 
-        image = _resized_crop(image, crop, self.size, cv2.INTER_LINEAR)
+        image = _resize_image(image, crop, self.size)
         if label is not None:
             label = _resize_label(label, crop, self.size)
         if do_hflip:
@@ -453,10 +477,10 @@ class SegTrainTransform(_RandomTransform):
 class SegEvalTransform:
     """Deterministic resize to ``size x size`` for evaluation.
 
-    The image is resized bilinearly, the mask (if any) with nearest neighbour; ``data["orig_size"]`` records
-    the input ``(H, W)`` so predictions can be resized back. A missing or None ``label`` is left out. With
-    ``full_label`` the mask is also kept at its original size as ``label_full``, for scoring predictions at the
-    original resolution (as mmseg does).
+    The image is resized (area averaging when shrinking, else bilinear), the mask (if any) with nearest neighbour;
+    ``data["orig_size"]`` records the input ``(H, W)`` so predictions can be resized back. A missing or None
+    ``label`` is left out. With ``full_label`` the mask is also kept at its original size as ``label_full``, for
+    scoring predictions at the original resolution (as mmseg does).
 
     Args:
         size: output side in pixels.
@@ -493,9 +517,7 @@ class SegEvalTransform:
         label = _label(data)
 
         out = {key: value for key, value in data.items() if key != "label"}
-        out["image"] = _to_tensor(
-            _resized_crop(image, whole, self.size, cv2.INTER_LINEAR), self.mean, self.std
-        )
+        out["image"] = _to_tensor(_resize_image(image, whole, self.size), self.mean, self.std)
         if label is not None:
             out["label"] = torch.from_numpy(_resize_label(label, whole, self.size))
             if self.full_label:
