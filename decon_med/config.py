@@ -211,6 +211,7 @@ class TrainConfig:
         lr: base learning rate; pre-training scales it by ``batch_size * world_size / 256``.
         weight_decay: weight decay (not applied to biases and norm parameters).
         momentum: SGD / LARS momentum.
+        betas: AdamW's ``[beta1, beta2]`` (MAE and GLID: ``[0.9, 0.95]``).
         warmup_epochs: linear learning-rate warm-up before the cosine decay (pre-training).
         min_lr: learning rate at the end of the cosine decay.
         amp: mixed precision: ``none``, ``bf16`` or ``fp16`` (with a gradient scaler).
@@ -238,6 +239,7 @@ class TrainConfig:
     lr: float = 1.0
     weight_decay: float = 1e-5
     momentum: float = 0.9
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_epochs: float = 5.0
     min_lr: float = 0.0
     amp: Amp = "none"
@@ -266,6 +268,11 @@ class TrainConfig:
         _check(0.0 <= self.min_lr <= self.lr, "train.min_lr", "must be in [0, train.lr]")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(0.0 <= self.momentum < 1.0, "train.momentum", "must be in [0, 1)")
+        _check(
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            "train.betas",
+            "must be [beta1, beta2], each in [0, 1)",
+        )
         _check(self.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
         _check(self.clip_grad >= 0, "train.clip_grad", "must be >= 0 (0 = off)")
         _check(self.poly_power > 0, "train.poly_power", "must be > 0")
@@ -302,7 +309,8 @@ class SSLConfig:
         slot_temp: temperature of the slot InfoNCE loss (0.2).
         teacher_momentum: starting EMA momentum of the teacher, raised to 1 on a cosine schedule (0.99).
         momentum_schedule: ``cosine`` (teacher_momentum -> 1, SlotCon) or ``constant`` (DenseCL's 0.999).
-        queue_size: DenseCL: negatives kept in each queue (65536 in DenseCL, 16384 in DeCon).
+        queue_size: DenseCL: negatives kept in each queue (65536 in DenseCL, 16384 in DeCon, both on COCO); keep it
+            below the images of one epoch (a warning says when it is not).
         contrast_temp: DenseCL: InfoNCE temperature of the global and dense losses (0.2).
         dense_weight: DenseCL: lambda in ``(1 - lambda) * global + lambda * dense`` (0.5).
         dense_warmup_steps: DenseCL: lambda is held at 0 for this many optimiser steps (small datasets need it).

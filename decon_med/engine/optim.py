@@ -163,6 +163,7 @@ def build_optimizer(
         return torch.optim.AdamW(
             groups,
             lr=lr,
+            betas=(train_cfg.betas[0], train_cfg.betas[1]),
             weight_decay=train_cfg.weight_decay,
             fused=True if fused else None,
             foreach=None if fused else True,

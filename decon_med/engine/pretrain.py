@@ -31,6 +31,7 @@ import csv
 import json
 import random
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -174,6 +175,10 @@ def pretrain(
         from decon_med.ssl import build_method
 
         method = build_method(cfg)
+    if distributed.is_main_process():
+        images_per_epoch = plan.steps_per_epoch * cfg.train.batch_size * distributed.world_size()
+        for message in method.check_data(images_per_epoch):
+            print(f"warning: {message}", file=sys.stderr)
     run = _Run(cfg, paths, plan, dataset, method, checkpoint)
     if distributed.is_main_process():
         save_config(cfg, paths.config)

@@ -19,7 +19,9 @@ class SSLMethod(nn.Module):
     - ``after_step(step, total_steps) -> dict``: once per optimiser step, after ``optimizer.step()`` (teacher EMA,
       queue updates), with the 0-based index of the step just taken; returns scalars to log, e.g.
       ``{"momentum": 0.995}``;
-    - ``trainable_parameters()``: named parameters the optimiser updates (the teacher's are excluded).
+    - ``trainable_parameters()``: named parameters the optimiser updates (the teacher's are excluded);
+    - ``check_data(images_per_epoch) -> list[str]``: warnings printed before training (e.g. a queue larger
+      than the dataset).
 
     Example:
         >>> method = build_method(cfg)            # decon_med.ssl.build_method
@@ -38,5 +40,21 @@ class SSLMethod(nn.Module):
     def after_step(self, step: int, total_steps: int) -> dict[str, float]:
         return {}
 
+    def check_data(self, images_per_epoch: int) -> list[str]:
+        """Warnings about the method's settings for a dataset that yields ``images_per_epoch`` images per epoch."""
+        return []
+
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+
+
+def full_precision(tensor: torch.Tensor) -> torch.autocast:
+    """A context in which autocast is off on ``tensor``'s device: similarities and losses are computed in fp32
+    even when the forward pass runs under bf16 / fp16 autocast (``.float()`` alone does not stop autocast from
+    running a matmul in low precision).
+
+    Example:
+        >>> with full_precision(q):
+        ...     logits = q.float() @ k.float().t() / tau
+    """
+    return torch.autocast(device_type=tensor.device.type, enabled=False)

@@ -12,9 +12,12 @@ copies) sit on the encoder's last level and, replicated, on each supervised deco
 
 The teacher is an EMA copy of the student network and heads (cosine momentum 0.99 -> 1, one step per optimiser
 step); it runs without dropout and without gradient. Decoder levels are average-pooled to at most
-``dec_grid`` x ``dec_grid`` before their heads: a U-Net's finer levels are up to 112 x 112 at 224 px, and a
-4096-wide projector on every pixel would cost many times the encoder head. Pooling keeps each level's head near
-the encoder head's cost while the level still learns from a finer grid than the encoder's 7 x 7.
+``dec_grid`` x ``dec_grid`` before their heads: a U-Net's levels are 14 x 14 to 224 x 224 at 224 px, and a
+4096-wide projector on every pixel would cost many times the encoder head. With the default ``dec_grid`` 7 each
+level's head costs about one encoder head, and sees the same 7 x 7 grid as the encoder's (each cell averages the
+level's finer features); a larger ``dec_grid`` (0: no pooling) gives the decoder heads a finer grid at a higher
+cost. The paper's FPN and FCN decoder outputs have 256 channels (at 1/4 and 1/16 of the input); the U-Net's
+finest level has 16, and ``ssl.levels`` can supervise a coarser, wider level instead.
 
 Example:
     >>> method = build_method(load_config("configs/pretrain/decon_ml.yaml"))   # decon_med.ssl.build_method
@@ -152,6 +155,14 @@ class DeCon(SSLMethod):
         for head in (self.enc_head, *self.dec_heads):
             head.update_teacher(momentum)
         return {"momentum": momentum}
+
+    def check_data(self, images_per_epoch: int) -> list[str]:
+        """The warnings of every head that has a ``check_data`` (a level's head may hold a queue), once each."""
+        messages: list[str] = []
+        for head in (self.enc_head, *self.dec_heads):
+            if hasattr(head, "check_data"):
+                messages += [m for m in head.check_data(images_per_epoch) if m not in messages]
+        return messages
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from decon_med.distributed import all_gather_no_grad
+from decon_med.ssl.base import full_precision
 from decon_med.ssl.ema import frozen_copy, update_momentum
 
 
@@ -136,6 +137,17 @@ class DenseCLHead(nn.Module):
             "lambda": lam.detach(),
         }
 
+    def check_data(self, images_per_epoch: int) -> list[str]:
+        """A queue that holds an epoch or more of keys contrasts each query with earlier keys of its own image."""
+        size = self.queue_global.shape[1]
+        if size < images_per_epoch:
+            return []
+        return [
+            f"ssl.queue_size {size} is not smaller than the {images_per_epoch} images of an epoch, so the queues "
+            "hold earlier keys of the very images they are contrasted with; use a queue below the epoch size "
+            "(DenseCL's 65536 is for COCO's 118k images)"
+        ]
+
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """EMA update of the key heads; also counts the optimiser step for the lambda warm-up."""
@@ -156,18 +168,21 @@ def match_locations(query_maps: torch.Tensor, key_maps: torch.Tensor) -> torch.T
     """
     q = F.normalize(query_maps.flatten(2), dim=1)  # (B, C, S)
     k = F.normalize(key_maps.flatten(2), dim=1)
-    return torch.bmm(q.transpose(1, 2), k).argmax(dim=2)
+    with full_precision(q):
+        return torch.bmm(q.transpose(1, 2).float(), k.float()).argmax(dim=2)
 
 
 def info_nce(
     queries: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """Cross-entropy of each query's positive key against the queue's negatives (all L2-normalised)."""
-    positive = (queries * keys).sum(dim=1, keepdim=True)
-    negative = queries @ queue.detach().clone()  # the queue is updated in place before backward
-    logits = torch.cat([positive, negative], dim=1) / temperature
-    labels = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
-    return F.cross_entropy(logits, labels)
+    """Cross-entropy of each query's positive key against the queue's negatives (all L2-normalised), in fp32."""
+    with full_precision(queries):
+        queries, keys = queries.float(), keys.float()
+        positive = (queries * keys).sum(dim=1, keepdim=True)
+        negative = queries @ queue.detach().clone().float()  # the queue is updated in place before backward
+        logits = torch.cat([positive, negative], dim=1) / temperature
+        labels = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+        return F.cross_entropy(logits, labels)
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from torchvision.ops import roi_align
 
 from decon_med.distributed import all_gather_no_grad, all_reduce_mean, all_reduce_sum, rank, world_size
 from decon_med.models.heads import MLP, MLP2d, SemanticGrouping
+from decon_med.ssl.base import full_precision
 from decon_med.ssl.ema import frozen_copy, update_momentum
 
 
@@ -161,9 +162,10 @@ class SlotConHead(nn.Module):
             return q.sum() * 0.0
         keys = F.normalize(all_keys.float(), dim=1)[all_present_k.nonzero().squeeze(-1)]
         queries = F.normalize(self.predictor(q.flatten(0, 1)[idx_q]).float(), dim=1)
-        logits = queries @ keys.t() / self.slot_temp
         labels = all_present_k.long().cumsum(0)[idx_q + b * num_k * rank()] - 1
-        loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+        with full_precision(queries):
+            logits = queries @ keys.t() / self.slot_temp
+            loss_sum = F.cross_entropy(logits, labels, reduction="sum")
         return loss_sum * (world_size() / total) * (2.0 * self.slot_temp)
 
     @torch.no_grad()

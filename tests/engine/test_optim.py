@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,6 +116,22 @@ def test_each_optimizer_steps(name):
     assert torch.equal(before[-1], after[-1].detach())  # frozen conv untouched
     if name != "lars":
         assert opt.defaults["foreach"] is True
+
+
+def test_adamw_takes_the_configured_betas():
+    from decon_med.config import PretrainConfig, load_config
+
+    mim = load_config(
+        Path(__file__).resolve().parents[2] / "configs/pretrain/mim.yaml", schema=PretrainConfig
+    )
+    opt = build_optimizer(mim.train, _model().named_parameters(), lr=0.1)
+    assert opt.defaults["betas"] == (0.9, 0.95)
+    assert build_optimizer(TrainConfig(optimizer="adamw"), _model().named_parameters(), 0.1).defaults[
+        "betas"
+    ] == (
+        0.9,
+        0.999,
+    )
 
 
 def test_bias_and_norm_get_no_weight_decay():

@@ -147,7 +147,13 @@ def test_run_folder_contents(reference):
 
     state = load_checkpoint(run_dir / "last.ckpt")
     assert (state["step"], state["epoch"], state["batch_in_epoch"], state["metrics_rows"]) == (6, 3, 0, 3)
-    assert state["network_meta"] == {"arch": "unet", "encoder": "resnet18", "in_channels": 3, "classes": 1}
+    assert state["network_meta"] == {
+        "arch": "unet",
+        "encoder": "resnet18",
+        "in_channels": 3,
+        "classes": 1,
+        "state_prefix": "network.",  # the test method has no teacher: its student is exported
+    }
     assert state["config"]["train"]["batch_size"] == 4 and state["scaler"] is None
     assert load_checkpoint(run_dir / "checkpoints" / "step_0000003.ckpt")["step"] == 3
 
@@ -318,6 +324,7 @@ def test_export_loads_into_fresh_smp_models(reference, tmp_path):
         "encoder": "resnet18",
         "in_channels": 3,
         "classes": 1,
+        "branch": "student",
         "source": str(ckpt.resolve()),
         "step": 6,
     }

@@ -122,10 +122,37 @@ def test_decon_densecl_levels_have_their_own_heads_and_queues():
     assert all(int(h.ptr_dense) == 4 for h in heads)
 
 
-def test_exported_decon_densecl_weights_load_into_smp(isic, tmp_path):  # noqa: F811
+def test_a_queue_as_large_as_an_epoch_is_reported_once():
+    method = build_method(
+        densecl_cfg("decon_ml_densecl", "ssl.alpha=0.5", "ssl.levels=[0, 4]", "ssl.queue_size=16")
+    )
+    assert method.check_data(17) == []
+    (message,) = method.check_data(16)  # three heads hold such a queue: one warning
+    assert "ssl.queue_size 16" in message and "16 images" in message
+
+
+def test_exported_decon_densecl_weights_load_into_smp(isic, tmp_path, capsys):  # noqa: F811
     run = pretrain(cfg_for(isic, tmp_path / "run", "decon_sl_densecl"), progress=False, max_steps=1)
+    assert "warning" not in capsys.readouterr().err  # 6 keys per queue, 8 images per epoch
+    pretrain(
+        cfg_for(isic, tmp_path / "big", "decon_sl_densecl", "ssl.queue_size=8"), progress=False, max_steps=1
+    )
+    assert "warning: ssl.queue_size 8 is not smaller than the 8 images" in capsys.readouterr().err
     files = export(run / "last.ckpt", tmp_path / "export")
     model = smp.create_model("unet", encoder_name="resnet18", encoder_weights=None, classes=2)
     result = model.load_state_dict(load_file(files["encoder_decoder"]), strict=False)
     assert result.unexpected_keys == []
     assert result.missing_keys and all(k.startswith("segmentation_head.") for k in result.missing_keys)
+
+
+def test_similarities_stay_fp32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    queries = F.normalize(torch.randn(64, 128, generator=g), dim=1)
+    keys = F.normalize(queries + 0.3 * torch.randn(64, 128, generator=g), dim=1)
+    queue = F.normalize(torch.randn(128, 512, generator=g), dim=0)
+    maps = torch.randn(2, 32, 5, 5, generator=g)
+    reference = info_nce(queries, keys, queue, 0.2), match_locations(maps, maps.flip(-1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, match = info_nce(queries, keys, queue, 0.2), match_locations(maps, maps.flip(-1))
+    assert loss.dtype == torch.float32 and torch.allclose(loss, reference[0], rtol=0.0, atol=1e-6)
+    assert torch.equal(match, reference[1])
