@@ -213,7 +213,7 @@ class TrainConfig:
         momentum: SGD / LARS momentum.
         betas: AdamW's ``[beta1, beta2]`` (MAE and GLID: ``[0.9, 0.95]``).
         warmup_epochs: linear learning-rate warm-up before the cosine decay (pre-training).
-        min_lr: learning rate at the end of the cosine decay.
+        min_lr: learning rate at the end of the decay: cosine in pre-training, poly in fine-tuning (mmseg: 1e-4).
         amp: mixed precision: ``none``, ``bf16`` or ``fp16`` (with a gradient scaler).
         accum_steps: micro-batches accumulated per optimiser step.
         clip_grad: clip the gradient norm to this value (0 = off).

@@ -232,7 +232,7 @@ class _Run(TrainingSession):
             self.network.to(memory_format=torch.channels_last)
         self.network.train()
         self.loss_fn = build_loss(train.loss)
-        self.lr_schedule = poly_schedule(train.lr, train.iters, power=train.poly_power)
+        self.lr_schedule = poly_schedule(train.lr, train.iters, power=train.poly_power, min_lr=train.min_lr)
         self.params = [p for p in network.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(train, network.named_parameters(), train.lr)
         self.best: dict[str, Any] = {"iter": -1, "mIoU": None}

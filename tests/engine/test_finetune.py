@@ -130,6 +130,13 @@ def test_lr_follows_the_poly_schedule(reference):
     assert all(math.isfinite(float(r["loss"])) for r in rows)
 
 
+def test_poly_decay_ends_at_min_lr(data, tmp_path):
+    out = run(make_cfg(data, tmp_path / "run", train={"iters": 4, "val_every": 4, "min_lr": 0.004}))
+    lrs = [float(r["lr"]) for r in read_csv(out / "metrics.csv")]
+    np.testing.assert_allclose(lrs, poly_schedule(0.01, 4, power=0.9, min_lr=0.004), rtol=1e-12)
+    assert lrs[-1] > 0.004
+
+
 def _scripted_validation(monkeypatch, mious: list[float]) -> list[int]:
     """Make validation return the real scores with mIoU replaced by ``mious`` in turn; returns the iterations."""
     real = finetune_module.validate
