@@ -44,7 +44,8 @@ def align_to_overlap(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) 
     scale = torch.tensor([w, h, w, h], device=x.device, dtype=x.dtype)
     index = torch.arange(n, device=x.device, dtype=x.dtype).view(n, 1)
     rois = torch.cat([index, boxes.to(device=x.device, dtype=x.dtype) * scale], dim=1)
-    return roi_align(x, rois, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    # sampling_ratio -1 (adaptive) as in SlotCon: bins are at most one map pixel, so one bilinear sample each.
+    return roi_align(x, rois, output_size=(h, w), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
 class SlotConHead(nn.Module):
