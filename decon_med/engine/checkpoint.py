@@ -130,14 +130,19 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def exported_prefix(checkpoint: dict[str, Any]) -> str:
+    """The method-state prefix of the network a pre-training checkpoint exports: ``teacher.`` or ``network.``, as
+    its ``network_meta["state_prefix"]`` says (checkpoints without it: ``network.``)."""
+    return (checkpoint.get("network_meta") or {}).get("state_prefix", "network.")
+
+
 def pretrained_network_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The smp state dict of the network a pre-training checkpoint exports: the method state's ``teacher.*`` or
-    ``network.*`` entries, as its ``network_meta["state_prefix"]`` says (checkpoints without it: ``network.*``).
+    """The smp state dict of the network a pre-training checkpoint exports (see :func:`exported_prefix`).
 
     Example:
         >>> network.load_state_dict(pretrained_network_state(load_checkpoint("runs/ml/last.ckpt")))
     """
-    prefix = (checkpoint.get("network_meta") or {}).get("state_prefix", "network.")
+    prefix = exported_prefix(checkpoint)
     return {k.removeprefix(prefix): v for k, v in checkpoint["method"].items() if k.startswith(prefix)}
 
 

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from decon_med.config import ModelConfig
-from decon_med.engine.checkpoint import load_checkpoint, pretrained_network_state
+from decon_med.engine.checkpoint import exported_prefix, load_checkpoint, pretrained_network_state
 from decon_med.errors import DataError, DeconError
 
 #: Output names, as returned by :func:`export`.
@@ -80,10 +80,9 @@ def export(
         _select(state, ("encoder.", "decoder.")), str(paths["encoder_decoder"]), metadata={"format": "pt"}
     )
     network.save_pretrained(str(paths["smp"]))
-    branch = (checkpoint.get("network_meta") or {}).get("state_prefix", "network.")
     record = {
         **meta,
-        "branch": "teacher" if branch == "teacher." else "student",
+        "branch": "teacher" if exported_prefix(checkpoint) == "teacher." else "student",
         "source": str(checkpoint_path.resolve()),
         "step": int(checkpoint.get("step", 0)),
     }
@@ -117,8 +116,7 @@ def rebuild_network(checkpoint: dict[str, Any], meta: dict[str, Any], path: Path
     )
     state = pretrained_network_state(checkpoint)
     if not state:
-        prefix = (checkpoint.get("network_meta") or {}).get("state_prefix", "network.")
-        raise DataError(path, f"the method state holds no '{prefix}*' entries")
+        raise DataError(path, f"the method state holds no '{exported_prefix(checkpoint)}*' entries")
     try:
         network.load_state_dict(state)
     except RuntimeError as exc:

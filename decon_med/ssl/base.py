@@ -10,9 +10,8 @@ class SSLMethod(nn.Module):
     """Base class of a pre-training method.
 
     A method owns the student ``network`` (an smp model; it or a teacher copy is exported, see ``export_prefix``),
-    its own heads,
-    and any teacher / queues / centres as sub-modules or buffers, so ``state_dict()`` captures everything a resume
-    needs. The engine only calls:
+    its own heads, and any teacher / queues / centres as sub-modules or buffers, so ``state_dict()`` captures
+    everything a resume needs. The engine only calls:
 
     - ``forward(batch) -> dict``: ``"loss"`` (a scalar tensor with gradient) plus detached scalar parts for logging;
       ``batch`` holds ``view1``, ``view2`` (B, C, H, W), ``box1``, ``box2`` (B, 4), ``flip1``, ``flip2`` (B,);

@@ -14,8 +14,9 @@ view 2, as in the reference (the loss is not symmetrised, so each view runs thro
 
 The queues and the step counter are buffers, so they are saved in checkpoints and a resumed run continues exactly.
 Under torchrun the key encoder runs on a share of the global key batch shuffled across processes, as in the
-reference (MoCo's shuffle BN, ``ssl.shuffle_bn``); in one process its BatchNorm sees the whole key batch. DenseCL is :class:`decon_med.ssl.decon.DeCon` with these heads and no decoder
-level; DeCon-SL / DeCon-ML give decoder levels their own heads and queues.
+reference (MoCo's shuffle BN, ``ssl.shuffle_bn``); in one process its BatchNorm sees the whole key batch. DenseCL
+is :class:`decon_med.ssl.decon.DeCon` with these heads and no decoder level; DeCon-SL / DeCon-ML give decoder
+levels their own heads and queues.
 
 Example:
     >>> head = DenseCLHead(in_channels=512, dim_hidden=2048, dim_out=128, queue_size=16384)
