@@ -176,8 +176,9 @@ class DeCon(SSLMethod):
             return features(self.teacher, x, None, decoder=decoder)
         local, inverse = shuffle_batch(x)
         enc, dec = features(self.teacher, local, None, decoder=decoder)
+        used_enc = {len(enc) - 1} if self.alpha > 0 else set()  # the encoder head reads the last level only
         used_dec = set(self.levels) if decoder else set()
-        enc = [unshuffle_batch(m, inverse) if i == len(enc) - 1 else None for i, m in enumerate(enc)]
+        enc = [unshuffle_batch(m, inverse) if i in used_enc else None for i, m in enumerate(enc)]
         dec = [unshuffle_batch(m, inverse) if i in used_dec else None for i, m in enumerate(dec)]
         return enc, dec
 

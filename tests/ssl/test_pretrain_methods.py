@@ -117,7 +117,7 @@ def test_export_branch_per_method(isic, tmp_path, method, branch, prefix):
     assert build_method(cfg).export_prefix == prefix
 
 
-def test_mim_has_no_teacher_to_export(isic, tmp_path):
+def test_mim_has_no_teacher_to_export():
     with pytest.raises(ConfigError, match="ssl.export_branch"):
         load_config(None, ["ssl.method=mim", "ssl.export_branch=teacher"], schema=PretrainConfig)
 
