@@ -17,11 +17,12 @@ import sys
 from pathlib import Path
 
 from decon_med import __version__, distributed
+from decon_med.cli_cost import add_commands as add_cost_commands
 from decon_med.cli_experiment import add_commands as add_experiment_commands
 from decon_med.cli_finetune import add_commands as add_finetune_commands
 from decon_med.cli_predict import add_commands as add_predict_commands
 from decon_med.cli_train import add_commands as add_train_commands
-from decon_med.errors import DeconError
+from decon_med.errors import DeconError, error_line
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -38,10 +39,11 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_data(args: argparse.Namespace) -> int:
-    from decon_med.config import load_config
+    from decon_med.config import load_config, split_config_args
     from decon_med.data.check import check_dataset, format_summary
 
-    cfg = load_config(args.config, args.overrides)
+    files, overrides = split_config_args([args.config, *args.overrides])
+    cfg = load_config(files, overrides, require=("data",))
     summary = check_dataset(cfg, progress=not args.quiet)
     print(format_summary(summary))
     if args.json:
@@ -98,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-data", help="read every file of a dataset and print a summary")
     p.add_argument("config", help="YAML config")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument(
+        "overrides", nargs="*", help="more YAML configs (merged left to right) and key.sub=value overrides"
+    )
     p.add_argument("--json", help="also write the summary to this JSON file (only on success)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_check_data)
@@ -124,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_commands(sub)
     add_predict_commands(sub)
     add_experiment_commands(sub)
+    add_cost_commands(sub)
     return parser
 
 
@@ -133,13 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with distributed.process_group():  # only under torchrun
             return args.func(args)
-    except DeconError as exc:
-        prefix = f"[rank {os.environ.get('RANK', '?')}] " if distributed.launched_by_torchrun() else ""
-        print(f"{prefix}error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        line = error_line(exc)  # a DeconError anywhere in the chain, or an OSError on a user's path
+        if line is None:
+            raise  # a bug: keep the traceback
+        prefix = f"[rank {os.environ.get('RANK', '?')}] " if distributed.launched_by_torchrun() else ""
+        print(f"{prefix}error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -19,11 +19,12 @@ EVALUATE_OVERRIDES = ("data.root", "data.num_workers")
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from decon_med.config import FinetuneConfig, load_config
+    from decon_med.config import FinetuneConfig, load_config, split_config_args
     from decon_med.distributed import is_main_process
     from decon_med.engine.finetune import finetune, read_results
 
-    cfg = load_config(args.config, args.overrides, schema=FinetuneConfig)
+    files, overrides = split_config_args([args.config, *args.overrides])
+    cfg = load_config(files, overrides, schema=FinetuneConfig, require=("train",))
     run = finetune(
         cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, max_iters=args.max_iters
     )
@@ -77,7 +78,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "finetune", help="fine-tune an smp network on a label fraction, from random or pre-trained weights"
     )
     p.add_argument("config", help="YAML fine-tuning config, e.g. configs/finetune/isic.yaml")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. init=weights/ml fraction=0.05")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="more YAML configs merged left to right, then key.sub=value overrides, e.g. init=weights/ml "
+        "transfer=encoder fraction=0.05",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last.ckpt")
     p.add_argument("--overwrite", action="store_true", help="delete the run in out_dir and start again")
     p.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations (resumable)")

@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+#: Exit status of ``predict`` when some inputs were skipped (the others were predicted).
+SKIPPED_STATUS = 3
+
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from decon_med.engine.predict import predict
@@ -28,6 +31,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(f"warning: skipped {skipped['path']}: {skipped['reason']}", file=sys.stderr)
     total = len(summary["predicted"]) + len(summary["skipped"])
     print(f"predicted {len(summary['predicted'])} of {total} inputs into {summary['out']}")
+    if summary["skipped"]:
+        print(f"error: skipped {len(summary['skipped'])} of {total} inputs (listed above)", file=sys.stderr)
+        return SKIPPED_STATUS
     return 0
 
 
@@ -37,7 +43,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     Example:
         >>> parser = argparse.ArgumentParser(); add_commands(parser.add_subparsers(dest="command"))
     """
-    p = subparsers.add_parser("predict", help="segment images or NIfTI volumes with a fine-tuned model")
+    p = subparsers.add_parser(
+        "predict",
+        help="segment images or NIfTI volumes with a fine-tuned model",
+        description="Exits with status 3 when some inputs were skipped (each is named on stderr), 2 on an error.",
+    )
     p.add_argument("checkpoint", help="fine-tuning run folder or .ckpt file")
     p.add_argument("input", help="image, NIfTI volume, or folder searched recursively")
     p.add_argument("--out", required=True, help="output folder (mirrors the input's sub-folders)")

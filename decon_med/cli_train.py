@@ -13,11 +13,12 @@ import argparse
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from decon_med.config import PretrainConfig, load_config
+    from decon_med.config import PretrainConfig, load_config, split_config_args
     from decon_med.distributed import is_main_process
     from decon_med.engine.pretrain import pretrain
 
-    cfg = load_config(args.config, args.overrides, schema=PretrainConfig)
+    files, overrides = split_config_args([args.config, *args.overrides])
+    cfg = load_config(files, overrides, schema=PretrainConfig, require=("ssl",))
     run = pretrain(
         cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, max_steps=args.max_steps
     )
@@ -47,8 +48,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "pretrain", help="self-supervised pre-training (SlotCon, DeCon, DenseCL, MIM) of an smp network"
     )
-    p.add_argument("config", help="YAML pre-training config")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("config", help="YAML pre-training config (it or a later one must set the ssl section)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="more YAML configs merged left to right (e.g. configs/data/inhouse_ct.yaml), then key.sub=value "
+        "overrides",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last.ckpt")
     p.add_argument("--overwrite", action="store_true", help="delete the run in out_dir and start again")
     p.add_argument(

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,12 +26,16 @@ import yaml
 
 from decon_med.errors import ConfigError
 
-DatasetName = Literal["isic2017", "refuge", "folder", "unlabeled"]
-Modality = Literal["rgb", "gray", "mr", "ct"]
+DatasetName = Literal["isic2017", "refuge", "folder", "unlabeled", "nnunet", "datalist"]
+Modality = Literal["rgb", "gray", "mr", "ct", "auto"]
+MrNormalisation = Literal["percentile", "zscore"]
+Orientation = Literal["RAS", "none"]
+SkipEmpty = Literal["pretrain", "train"]
 Arch = Literal["unet", "fpn", "fcn"]
 Transfer = Literal["random", "encoder", "encoder_decoder"]
 Optimizer = Literal["lars", "sgd", "adamw"]
 Amp = Literal["none", "bf16", "fp16"]
+Checkpointing = Literal["none", "decoder", "encoder", "all"]
 Method = Literal["slotcon", "decon_sl", "decon_ml", "densecl", "decon_sl_densecl", "decon_ml_densecl", "mim"]
 MomentumSchedule = Literal["cosine", "constant"]
 MaskFill = Literal["token", "zero"]
@@ -49,24 +55,39 @@ class DataConfig:
     """Where the images are and how they are read.
 
     Attributes:
-        name: dataset layout: ``isic2017``, ``refuge``, ``folder`` (images/ + masks/) or ``unlabeled`` (any tree).
-        root: dataset root folder.
+        name: dataset layout: ``isic2017``, ``refuge``, ``folder`` (images/ + masks/), ``unlabeled`` (any tree),
+            ``nnunet`` (nnU-Net raw: imagesTr/, labelsTr/, dataset.json) or ``datalist`` (MSD / MONAI JSON).
+        root: dataset root folder (``datalist``: the JSON file, or a folder holding ``dataset.json``).
         image_size: side of the square network input in pixels (a multiple of 32 for U-Nets).
         num_workers: DataLoader worker processes.
         in_channels: network input channels, 1 or 3; greyscale scans are replicated to 3 channels when 3.
-        modality: ``rgb`` photos (dermoscopy, fundus), ``gray``, ``mr`` or ``ct``; picks intensity handling and
-            the colour augmentations.
+        modality: ``rgb`` photos (dermoscopy, fundus), ``gray``, ``mr``, ``ct``, ``auto`` (volumes: decided per
+            file from the intensities), or a mapping ``{sub-folder or file glob: modality}`` per file. Picks the
+            intensity handling and the augmentations; CT / MR slices never get RGB colour augmentation.
         num_classes: number of segmentation classes; ``null`` takes the dataset's own (ISIC 2, REFUGE 3).
             Required for ``folder``.
         class_names: optional names of the classes, in index order.
         cache_rate: fraction of decoded samples held in memory by MONAI's CacheDataset (0 = plain Dataset).
         val_fraction: ``folder`` without splits.json: fraction of images held out for validation.
         test_fraction: ``folder`` without splits.json: fraction of images held out for testing.
-        slice_axis: NIfTI volumes become 2D slices along this voxel axis (0, 1 or 2).
+        slice_axis: NIfTI volumes become 2D slices along this voxel axis (0, 1 or 2; after RAS reorientation 0 is
+            sagittal, 1 coronal, 2 axial).
         clip_percentiles: MR/grey volumes: intensities clipped to these percentiles, then scaled to [0, 1].
-        ct_window: CT volumes: (level, width) window in Hounsfield units.
+        ct_window: CT volumes: [level, width] window in Hounsfield units, or a list of windows (one channel each).
         foreground_threshold: a normalised intensity above this counts as foreground.
-        min_foreground: slices whose foreground fraction is below this are skipped (0 keeps all).
+        min_foreground: slices whose foreground fraction is below this are skipped (0 keeps all); see skip_empty.
+        skip_empty: where the empty-slice rule applies: ``pretrain`` (unlabelled pre-training images only) or
+            ``train`` (also the labelled training split). Labelled val/test slices are never skipped.
+        mr_normalisation: MR/grey volumes: ``percentile`` (clip_percentiles) or ``zscore`` (mean +- 3 SD of the
+            nonzero voxels mapped to [0, 1]).
+        orientation: volumes are reoriented to ``RAS`` before slicing (``none``: stored voxel order).
+        spacing: in-plane pixel size (mm) slices are resampled to; ``null`` takes each volume's finer in-plane
+            spacing (square pixels), ``0`` keeps the voxel grid as stored.
+        channels: which volumes of 4D images (or ``_XXXX`` channel files of nnU-Net layouts) to use as input
+            channels; ``null`` = a 4D image is an error, nnU-Net uses all channel files.
+        affine_tolerance: largest difference (mm) allowed between a label's affine and its image's.
+        fold: labelled layouts: use cross-validation fold ``fold`` (0-based) as val, the other folds as train.
+        num_folds: number of cross-validation folds (seeded, deterministic).
     """
 
     name: DatasetName = "isic2017"
@@ -74,7 +95,7 @@ class DataConfig:
     image_size: int = 224
     num_workers: int = 4
     in_channels: int = 3
-    modality: Modality = "rgb"
+    modality: Modality | dict = "rgb"
     num_classes: int | None = None
     class_names: list[str] | None = None
     cache_rate: float = 0.0
@@ -82,9 +103,17 @@ class DataConfig:
     test_fraction: float = 0.2
     slice_axis: int = 2
     clip_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
-    ct_window: list[float] = field(default_factory=lambda: [40.0, 400.0])
+    ct_window: list[float] | list[list[float]] = field(default_factory=lambda: [40.0, 400.0])
     foreground_threshold: float = 0.05
     min_foreground: float = 0.05
+    skip_empty: SkipEmpty = "pretrain"
+    mr_normalisation: MrNormalisation = "percentile"
+    orientation: Orientation = "RAS"
+    spacing: float | None = None
+    channels: list[int] | None = None
+    affine_tolerance: float = 1e-3
+    fold: int | None = None
+    num_folds: int = 5
 
     def validate(self) -> None:
         _check(
@@ -121,10 +150,31 @@ class DataConfig:
             "data.clip_percentiles",
             "must be [low, high] with 0 <= low < high <= 100",
         )
+        windows = self.ct_window if self.ct_window and isinstance(self.ct_window[0], list) else [self.ct_window]
         _check(
-            len(self.ct_window) == 2 and self.ct_window[1] > 0,
+            all(len(w) == 2 and w[1] > 0 for w in windows),
             "data.ct_window",
-            "must be [level, width] with width > 0",
+            "must be [level, width] with width > 0, or a list of such windows",
+        )
+        if isinstance(self.modality, dict):
+            for pattern, value in self.modality.items():
+                _check(
+                    value in typing.get_args(Modality),
+                    f"data.modality.{pattern}",
+                    f"{value!r} is not one of {', '.join(repr(m) for m in typing.get_args(Modality))}",
+                )
+        _check(self.spacing is None or self.spacing >= 0, "data.spacing", "must be >= 0 (or null)")
+        _check(
+            self.channels is None or (len(self.channels) > 0 and min(self.channels) >= 0),
+            "data.channels",
+            "must be a non-empty list of volume indices >= 0 (or null)",
+        )
+        _check(self.affine_tolerance >= 0, "data.affine_tolerance", "must be >= 0")
+        _check(self.num_folds >= 2, "data.num_folds", f"must be >= 2, got {self.num_folds}")
+        _check(
+            self.fold is None or 0 <= self.fold < self.num_folds,
+            "data.fold",
+            f"must be in [0, data.num_folds - 1 = {self.num_folds - 1}] (or null)",
         )
         _check(0.0 <= self.foreground_threshold < 1.0, "data.foreground_threshold", "must be in [0, 1)")
         _check(0.0 <= self.min_foreground <= 1.0, "data.min_foreground", "must be in [0, 1]")
@@ -229,6 +279,11 @@ class TrainConfig:
         poly_power: fine-tuning poly learning-rate decay power.
         sync_bn: under torchrun, convert BatchNorm layers to SyncBatchNorm (batch statistics over all processes).
         compile: wrap the forward pass in ``torch.compile`` (faster steps on GPU after a one-off compile).
+        checkpointing: pre-training activation checkpointing of the student: ``none``, ``decoder`` (U-Net decoder
+            blocks), ``encoder`` (ResNet stages) or ``all``; recomputed in the backward pass, so memory drops for
+            extra FLOPs and the results are unchanged (see docs/benchmarks.md).
+        health_patience: pre-training: warn (once per signal) when a level's health signal stays collapsed or
+            uniform for this many consecutive log steps (0 = never; see README "Is pre-training learning?").
     """
 
     batch_size: int = 16
@@ -255,8 +310,11 @@ class TrainConfig:
     poly_power: float = 0.9
     sync_bn: bool = False
     compile: bool = False
+    checkpointing: Checkpointing = "none"
+    health_patience: int = 5
 
     def validate(self) -> None:
+        _check(self.health_patience >= 0, "train.health_patience", "must be >= 0 (0 = never warn)")
         for key in ("batch_size", "epochs", "iters", "val_every", "accum_steps", "ckpt_every", "log_every"):
             _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
         _check(
@@ -301,6 +359,8 @@ class SSLConfig:
         num_prototypes: encoder prototypes (SlotCon 256).
         num_prototypes_dec: prototypes of each decoder level (256 or 384).
         dim_hidden: projector / predictor hidden width (4096).
+        dim_hidden_dec: hidden width of the decoder levels' heads; ``null`` takes ``dim_hidden``. The U-Net's
+            decoder levels have 16 to 256 channels, so a narrower width there cuts DeCon's head cost.
         dim_out: projector output and slot dimension (256).
         teacher_temp: teacher softmax temperature of the prototype scores (0.07).
         student_temp: student softmax temperature (0.1).
@@ -334,6 +394,7 @@ class SSLConfig:
     num_prototypes: int = 256
     num_prototypes_dec: int = 256
     dim_hidden: int = 4096
+    dim_hidden_dec: int | None = None
     dim_out: int = 256
     teacher_temp: float = 0.07
     student_temp: float = 0.1
@@ -368,6 +429,9 @@ class SSLConfig:
             0.0 <= self.skip_dropout < 1.0, "ssl.skip_dropout", f"must be in [0, 1), got {self.skip_dropout}"
         )
         _check(self.dec_grid >= 0, "ssl.dec_grid", "must be >= 0 (0 = no pooling)")
+        _check(
+            self.dim_hidden_dec is None or self.dim_hidden_dec >= 1, "ssl.dim_hidden_dec", "must be >= 1 or null"
+        )
         for key in ("num_prototypes", "num_prototypes_dec", "dim_hidden", "dim_out"):
             _check(getattr(self, key) >= 1, f"ssl.{key}", "must be >= 1")
         for key in ("teacher_temp", "student_temp", "slot_temp"):
@@ -386,6 +450,38 @@ class SSLConfig:
             "ssl.export_branch",
             "mim has no teacher network (use auto or student)",
         )
+
+
+@dataclass
+class ProbeConfig:
+    """Online linear probe during pre-training: a small labelled set scored on the frozen exported network.
+
+    Attributes:
+        root: labelled data read by the probe (any labelled layout the loaders read); ``null`` = no probe.
+        name: its layout (``data.name`` values: ``isic2017``, ``refuge``, ``folder``, ...); the other data
+            settings (image size, channels, modality) are the pre-training data's.
+        num_classes: classes of a ``folder`` layout (background included).
+        every: probe every this many optimiser steps (and before the first and after the last).
+        images: labelled training images the probe is fitted on (the first of the train split).
+        val_images: validation images its mIoU is measured on (the first of the val split).
+        size: features and masks are resized to ``size`` x ``size`` for the probe.
+        steps: Adam steps of each linear 1x1 classifier (full batch on at most 8192 sampled pixels).
+    """
+
+    root: str | None = None
+    name: DatasetName = "folder"
+    num_classes: int | None = None
+    every: int = 500
+    images: int = 8
+    val_images: int = 8
+    size: int = 64
+    steps: int = 100
+
+    def validate(self) -> None:
+        for key in ("every", "images", "val_images", "steps"):
+            _check(getattr(self, key) >= 1, f"probe.{key}", "must be >= 1")
+        _check(self.size >= 4, "probe.size", "must be >= 4")
+        _check(self.name != "unlabeled", "probe.name", "needs labelled data (unlabeled has no masks)")
 
 
 @dataclass
@@ -430,6 +526,12 @@ class FinetuneConfig(Config):
             "init",
             f"is required when transfer is '{self.transfer}'",
         )
+        _check(
+            self.transfer != "random" or self.init is None,
+            "init",
+            f"is '{self.init}' but transfer is 'random', which would ignore it; pass transfer=encoder or "
+            "transfer=encoder_decoder to load it, or init=null for a random init",
+        )
 
 
 @dataclass
@@ -443,6 +545,7 @@ class PretrainConfig(Config):
     """
 
     ssl: SSLConfig = field(default_factory=SSLConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def validate(self) -> None:
         super().validate()
@@ -459,38 +562,153 @@ SCHEMAS: list[type[Config]] = [Config, FinetuneConfig, PretrainConfig]
 
 
 def load_config(
-    path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), schema: type[Config] | None = None
+    path: str | Path | list[str | Path] | tuple[str | Path, ...] | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    schema: type[Config] | None = None,
+    require: tuple[str, ...] = (),
 ) -> Config:
-    """Read a YAML config, apply ``key.sub=value`` overrides, type-check and validate it.
+    """Read YAML config file(s), apply ``key.sub=value`` overrides, type-check and validate.
 
     Args:
-        path: YAML file, or ``None`` for the schema's defaults.
-        overrides: dotlist overrides; values are parsed as YAML (``8``, ``null``, ``[0.5, 1.0]``).
+        path: a YAML file, several merged left to right (later files override earlier keys, sections are merged
+            key by key), or ``None`` for the schema's defaults.
+        overrides: dotlist overrides; values are parsed as YAML (``8``, ``null``, ``[0.5, 1.0]``, ``1e-3``).
         schema: the config class; ``None`` picks the narrowest one in ``SCHEMAS`` that knows every top-level key.
+        require: top-level sections the files and overrides together must set (e.g. ``("ssl",)`` for
+            pre-training), so a command never silently runs built-in defaults.
 
     Raises:
-        ConfigError: unreadable file, unknown key, wrong type or invalid value (the message names the key).
+        ConfigError: unreadable file, duplicate or unknown key, wrong type, non-finite number, invalid value or a
+            missing required section (the message names the file or the key).
+
+    Example:
+        >>> cfg = load_config(["configs/pretrain/decon_ml.yaml", "configs/data/inhouse_ct.yaml"], ["data.root=ct"])
+        >>> cfg.ssl.method, cfg.data.modality
+        ('decon_ml', 'ct')
     """
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        raw = loaded or {}
+    for file in paths:
+        merge_into(raw, read_yaml(file))
     for item in overrides:
         key, value = parse_override(item)
         set_nested(raw, key, value)
+    if paths:
+        missing = [name for name in require if name not in raw]
+        if missing:
+            files = ", ".join(str(p) for p in paths)
+            name = missing[0]
+            raise ConfigError(f"{files}: no '{name}' section, which this command needs{SECTION_HINTS.get(name, '')}")
     if schema is None:
         schema = _infer_schema(raw)
     cfg = from_dict(schema, raw)
     validate_config(cfg)
     return cfg
+
+
+#: What a missing top-level section means, for the error of :func:`load_config`'s ``require``.
+SECTION_HINTS: dict[str, str] = {
+    "ssl": " (the pre-training method): add a method config such as configs/pretrain/decon_ml.yaml first",
+    "train": " (the optimisation settings): start from configs/finetune/isic.yaml or configs/finetune/refuge.yaml",
+    "data": " (the dataset): add a data config such as configs/data/folder.yaml",
+}
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys and reads ``1e-3``, ``1E6`` and ``.5`` as floats."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: SafeLoader reports it
+                    break
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{key}'", key_node.start_mark
+                    )
+                seen[key] = True
+        return super().construct_mapping(node, deep=deep)
+
+
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text safely (plain data only), refusing duplicate keys; ``1e-3`` is a float."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of one YAML config file.
+
+    Raises:
+        ConfigError: missing, unreadable, not UTF-8, not valid YAML, duplicate keys, or not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+        ) from exc
+    try:
+        loaded = yaml_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: {_yaml_problem(exc)}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return loaded or {}
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: where in the file and what is wrong."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is not None and problem:
+        return f"not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return f"not valid YAML ({' '.join(str(exc).split())})"
+
+
+def merge_into(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``update`` into ``base`` in place: mappings key by key, any other value replaces.
+
+    Example:
+        >>> merge_into({"data": {"root": "a", "image_size": 64}}, {"data": {"root": "b"}})
+        {'data': {'root': 'b', 'image_size': 64}}
+    """
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge_into(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def split_config_args(args: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Command-line words -> (YAML files, overrides): a word ending in ``.yaml`` / ``.yml`` without ``=`` is a
+    file, every other word a ``key=value`` override.
+
+    Example:
+        >>> split_config_args(["configs/pretrain/decon_ml.yaml", "configs/data/inhouse_ct.yaml", "data.root=ct"])
+        (['configs/pretrain/decon_ml.yaml', 'configs/data/inhouse_ct.yaml'], ['data.root=ct'])
+    """
+    files = [a for a in args if "=" not in a and a.lower().endswith((".yaml", ".yml"))]
+    return files, [a for a in args if a not in files]
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -502,7 +720,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override '{item}' has an empty key")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = yaml_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
     return key, value
@@ -619,6 +837,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"config key '{key}': must be a finite number, got {value!r}")
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):

@@ -4,11 +4,12 @@ An experiment config (``configs/experiment/*.yaml``) names a base fine-tuning co
 
     name: table7_isic
     finetune: configs/finetune/isic.yaml      # relative to the current directory, like every path here
-    overrides: [data.root=data/isic2017]      # fine-tuning overrides applied to every run
+    overrides: [data.root=data/isic2017, model.arch=unet]   # fine-tuning overrides applied to every run
     transfer_overrides:                       # optional: fine-tuning overrides for the runs of one transfer
-      encoder_decoder: [model.arch=unet]
+      encoder: [train.log_every=100]
     inits:                                    # label -> where the weights are; path null = random init
       random: {path: null, method: random}
+      slotcon: {path: runs/pretrain/slotcon_isic/export, method: slotcon, transfers: [encoder]}
       decon_ml: {path: runs/pretrain/decon_ml_isic/export, method: decon_ml, overrides: [], transfers: null}
     transfers: [encoder, encoder_decoder]     # the random init always runs once, with transfer random
     fractions: [0.05, 0.25, 1.0]
@@ -22,6 +23,13 @@ as for every other command, so run ``decon-med experiment`` from the repository 
 order base file, :data:`GRID_DEFAULTS`, ``overrides``, ``transfer_overrides[transfer]``, the init's ``overrides``,
 then the grid values (``init``, ``transfer``, ``fraction``, ``seed``, ``out_dir``), which overrides may not set. An
 init set to ``null`` (``inits.decon_ml=null`` on the command line) is left out of the grid.
+
+**One network per table.** Before anything runs (``--dry-run`` included) the grid is refused when its runs differ
+in anything but init / transfer / fraction / seed (:func:`check_comparable`: architecture, encoder, image size,
+iterations, loss ... — so per-transfer or per-init overrides may only change logging and storage keys,
+:data:`GRID_FREE_KEYS`), when an encoder-only method (``slotcon``, ``densecl``) is to be transferred with its
+decoder (that decoder was never trained), and when an existing init records a network the fine-tuning one
+cannot take (another encoder, or another arch for ``encoder_decoder``).
 
 A finished grid run keeps only its selected weights (``train.prune_finished=true``, a grid default): a grid of
 hundreds of runs would otherwise hold each run's optimiser state and numbered checkpoints. Add
@@ -46,7 +54,7 @@ differences); treat it as a spread, not as a test.
 Example:
     >>> cfg = load_experiment("configs/experiment/table7_isic.yaml", ["seeds=[0]"])
     >>> len(expand_grid(cfg))
-    21
+    18
     >>> paths = run_experiment(cfg)
     >>> sorted(paths)
     ['paired', 'results', 'runs', 'summary']
@@ -56,7 +64,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import traceback
@@ -65,11 +72,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pandas as pd
 import yaml
 
 from decon_med.config import (
+    ENCODER_ONLY_METHODS,
     FinetuneConfig,
     Transfer,
     flatten,
@@ -80,6 +87,21 @@ from decon_med.config import (
     to_dict,
 )
 from decon_med.errors import ConfigError, DataError, DeconError
+from decon_med.experiment_report import (  # noqa: F401  (re-exported: the public tables API lives here too)
+    BOOTSTRAP_SEED,
+    N_BOOTSTRAP,
+    PAPER_DATASETS,
+    PAPER_FRACTIONS,
+    PAPER_TABLE7,
+    bootstrap_ci,
+    format_paired,
+    format_paper_reference,
+    format_table7,
+    paired_differences,
+    report,
+    summarize,
+    write_csv,
+)
 
 InitMethod = Literal[
     "random", "slotcon", "decon_sl", "decon_ml", "densecl", "decon_sl_densecl", "decon_ml_densecl", "mim"
@@ -92,31 +114,13 @@ GRID_DEFAULTS: tuple[str, ...] = ("train.prune_finished=true",)
 #: Fine-tuning keys that the grid sets for every run; overrides may not set them.
 GRID_KEYS: tuple[str, ...] = ("init", "transfer", "fraction", "seed", "out_dir")
 
-#: The paper's Table 7 (mIoU %, ResNet-50 FCN, COCO-pretrained) at label fractions :data:`PAPER_FRACTIONS`.
-PAPER_TABLE7: dict[str, dict[str, list[float]]] = {
-    "refuge": {
-        "random": [49.53, 41.41, 62.82],
-        "slotcon": [69.60, 77.80, 82.83],
-        "decon_sl/encoder": [71.75, 78.92, 83.57],
-        "decon_sl/encoder_decoder": [72.09, 77.27, 83.25],
-    },
-    "isic": {
-        "random": [75.66, 78.38, 80.65],
-        "slotcon": [74.95, 79.05, 82.52],
-        "decon_sl/encoder": [75.62, 79.56, 82.84],
-        "decon_sl/encoder_decoder": [76.00, 79.97, 82.94],
-    },
-}
-PAPER_FRACTIONS: tuple[float, ...] = (0.05, 0.25, 1.0)
-
-#: ``data.name`` -> key of :data:`PAPER_TABLE7`.
-PAPER_DATASETS: dict[str, str] = {"isic2017": "isic", "refuge": "refuge"}
-
-N_BOOTSTRAP = 10_000
-BOOTSTRAP_SEED = 0
 
 #: Saved-config keys ignored when a finished run is compared with the planned config.
 _DRIFT_IGNORED = frozenset({"data.num_workers", "train.keep_checkpoints", "train.prune_finished"})
+
+#: Fine-tuning keys that may differ between the runs of one grid besides :data:`GRID_KEYS`: they change how a
+#: run is logged and stored, not what it computes.
+GRID_FREE_KEYS: frozenset[str] = _DRIFT_IGNORED | {"train.log_every", "train.ckpt_every"}
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_]+$")
 
 Runner = Callable[..., Path]
@@ -194,6 +198,7 @@ class ExperimentConfig:
             _check_overrides(items, f"transfer_overrides.{transfer}")
         for label, spec in self.inits.items():
             _check_init(label, spec)
+            _check_decoder_transfers(self, label)
 
     def init_transfers(self, label: str) -> list[str]:
         """The transfers run for init ``label``: ``["random"]`` for a random init."""
@@ -332,7 +337,56 @@ def expand_grid(cfg: ExperimentConfig) -> list[RunSpec]:
             for fraction in cfg.fractions:
                 for seed in cfg.seeds:
                     specs.append(_build_run(cfg, label, init, transfer, float(fraction), seed))
+    check_comparable(cfg, specs)
     return specs
+
+
+def check_comparable(cfg: ExperimentConfig, specs: Sequence[RunSpec]) -> None:
+    """Refuse a grid whose runs differ in anything but init / transfer / fraction / seed.
+
+    A table compares initialisations: a row fine-tuned with another network, input size, budget or loss would
+    confound the comparison (e.g. encoder+decoder rows as U-Net beside FCN random rows). Only the keys of
+    :data:`GRID_KEYS` and :data:`GRID_FREE_KEYS` may differ.
+
+    Raises:
+        ConfigError: names every differing key, two runs that differ in it and the overrides that set it.
+    """
+    if len(specs) < 2:
+        return
+    ignored = set(GRID_KEYS) | GRID_FREE_KEYS
+    first = flatten(to_dict(specs[0].cfg))
+    for spec in specs[1:]:
+        flat = flatten(to_dict(spec.cfg))
+        keys = sorted(
+            k for k in first.keys() | flat.keys() if k not in ignored and first.get(k) != flat.get(k)
+        )
+        if not keys:
+            continue
+        details = "; ".join(
+            f"'{k}' is {first.get(k)!r} in {specs[0].name} and {flat.get(k)!r} in {spec.name}"
+            f"{_override_sources(cfg, k)}"
+            for k in keys
+        )
+        raise ConfigError(
+            f"config key '{keys[0]}': the runs of one grid may differ only in init / transfer / fraction / seed, "
+            f"so that every row of the table is fine-tuned alike: {details}; set it for every run in "
+            "'overrides' instead"
+        )
+
+
+def _override_sources(cfg: ExperimentConfig, key: str) -> str:
+    """`` (set by transfer_overrides.encoder_decoder)``: the per-transfer / per-init lists that set ``key``."""
+    sources = [
+        f"transfer_overrides.{transfer}"
+        for transfer, items in cfg.transfer_overrides.items()
+        if any(parse_override(i)[0] == key for i in items)
+    ]
+    sources += [
+        f"inits.{label}.overrides"
+        for label, init in cfg.inits.items()
+        if any(parse_override(i)[0] == key for i in init.overrides)
+    ]
+    return f" (set by {', '.join(sources)})" if sources else ""
 
 
 def _build_run(
@@ -412,6 +466,7 @@ def run_experiment(
     out = Path(cfg.out_dir)
     paths = {"runs": out / "runs"}
     plan = plan_table(specs)
+    _check_init_networks(cfg, specs)
     if dry_run:
         print(_format_plan(cfg, plan))
         return paths
@@ -485,6 +540,30 @@ def _check_init_paths(cfg: ExperimentConfig, todo: Sequence[RunSpec]) -> None:
                 f"config key 'inits.{label}.path': '{init.path}' does not exist ({needed} runs need it); "
                 f"pre-train and export it first, or leave the init out with inits.{label}=null"
             )
+
+
+def _check_init_networks(cfg: ExperimentConfig, specs: Sequence[RunSpec]) -> None:
+    """Compare the network each existing init records (export.json, checkpoint) with the grid's fine-tuning
+    network, before anything runs; an init that records nothing readable is left to the run itself."""
+    from decon_med.engine.transfer import check_recorded, resolve_source
+
+    checked: set[tuple[str, str]] = set()
+    for spec in specs:
+        init = cfg.inits[spec.init]
+        if init.path is None or (spec.init, spec.transfer) in checked or not Path(init.path).exists():
+            continue
+        checked.add((spec.init, spec.transfer))
+        try:
+            _, recorded = resolve_source(init.path, spec.transfer)
+        except DataError:
+            continue
+        model = spec.cfg.model
+        try:
+            check_recorded(
+                recorded, Path(init.path), spec.transfer, model.arch, model.encoder, spec.cfg.data.in_channels
+            )
+        except DeconError as exc:
+            raise ConfigError(f"config key 'inits.{spec.init}.path': {exc}") from exc
 
 
 def _note_drift(done: Sequence[RunSpec]) -> None:
@@ -565,170 +644,6 @@ def write_results(specs: Sequence[RunSpec], path: Path) -> pd.DataFrame:
     return results
 
 
-def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """mIoU / mDice in % per (init, transfer, fraction): mean, sample std (ddof 1, NaN for one seed), n_seeds.
-
-    Example:
-        >>> summarize(pd.DataFrame({"init": ["r"] * 2, "method": ["random"] * 2, "transfer": ["random"] * 2,
-        ...     "fraction": [1.0] * 2, "seed": [0, 1], "mIoU": [0.70, 0.72], "mDice": [0.8, 0.8]}))[["mIoU_mean", "mIoU_std"]]
-           mIoU_mean  mIoU_std
-        0       71.0      1.41
-    """
-    keys = ["init", "method", "transfer", "fraction"]
-    columns = [*keys, "n_seeds", "mIoU_mean", "mIoU_std", "mDice_mean", "mDice_std"]
-    if results.empty:
-        return pd.DataFrame(columns=columns)
-    grouped = results.groupby(keys, sort=False)
-    table = grouped.size().rename("n_seeds").to_frame()
-    for metric in ("mIoU", "mDice"):
-        pct = grouped[metric]
-        table[f"{metric}_mean"] = (pct.mean() * 100).round(2)
-        table[f"{metric}_std"] = (pct.std(ddof=1) * 100).round(2)
-    return table.reset_index()[columns]
-
-
-def format_table7(summary: pd.DataFrame, fractions: Sequence[float]) -> str:
-    """The summary shaped like the paper's Table 7: rows init / transfer, columns label fractions.
-
-    Cells read ``"75.66 ± 0.42"`` (mean ± sample std of mIoU % over seeds), ``"75.66 (n=1)"`` for one seed and
-    ``"-"`` where no run finished.
-    """
-    columns = [_fraction_label(f) for f in fractions]
-    rows: dict[str, dict[str, str]] = {}
-    for rec in summary.itertuples(index=False):
-        cell = (
-            f"{rec.mIoU_mean:.2f} ± {rec.mIoU_std:.2f}" if rec.n_seeds > 1 else f"{rec.mIoU_mean:.2f} (n=1)"
-        )
-        rows.setdefault(_row_label(rec.init, rec.transfer), {})[_fraction_label(rec.fraction)] = cell
-    table = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=columns).fillna("-")
-    return table.to_string()
-
-
-def format_paper_reference(dataset: str) -> str | None:
-    """The paper's Table 7 rows for ``dataset`` (``isic2017`` / ``refuge``), or ``None`` when it has none."""
-    key = PAPER_DATASETS.get(dataset)
-    if key is None:
-        return None
-    columns = [_fraction_label(f) for f in PAPER_FRACTIONS]
-    table = pd.DataFrame.from_dict(PAPER_TABLE7[key], orient="index", columns=columns)
-    table = table.apply(lambda col: col.map(lambda v: f"{v:.2f}"))
-    title = (
-        "paper's Table 7 reference, mIoU % (ResNet-50 FCN, COCO-pretrained; not the same pre-training data):"
-    )
-    return f"{title}\n{table.to_string()}"
-
-
-def bootstrap_ci(
-    diffs: Sequence[float], n_resamples: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of paired differences (NaN, NaN with fewer than two).
-
-    Example:
-        >>> bootstrap_ci([1.0, 2.0, 3.0])
-        (1.0, 3.0)
-    """
-    values = np.asarray(diffs, dtype=float)
-    if len(values) < 2:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n_resamples, len(values)))].mean(axis=1)
-    tail = (1.0 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-def paired_differences(results: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
-    """mIoU difference (percentage points) of each (init, transfer) to ``baseline``, paired by fraction + seed.
-
-    A baseline with a path is paired transfer by transfer. Columns: fraction, init, transfer, baseline,
-    n_pairs, seeds, mean_diff, ci_low, ci_high (bootstrap 95 % over the seed differences), n_better.
-    """
-    columns = [
-        "fraction",
-        "init",
-        "transfer",
-        "baseline",
-        "n_pairs",
-        "seeds",
-        "mean_diff",
-        "ci_low",
-        "ci_high",
-    ]
-    columns.append("n_better")
-    if baseline is None or results.empty or baseline not in set(results["init"]):
-        return pd.DataFrame(columns=columns)
-    base = results[results["init"] == baseline]
-    on = ["fraction", "seed"] + (["transfer"] if (base["transfer"] != "random").any() else [])
-    base = base[[*on, "mIoU"]].rename(columns={"mIoU": "base"})
-    rows = []
-    for (init, transfer), group in results[results["init"] != baseline].groupby(
-        ["init", "transfer"], sort=False
-    ):
-        pairs = group.merge(base, on=on).sort_values(["fraction", "seed"])
-        for fraction, at in pairs.groupby("fraction", sort=True):
-            diffs = ((at["mIoU"] - at["base"]) * 100).to_numpy()
-            low, high = bootstrap_ci(diffs)
-            rows.append(
-                {
-                    "fraction": fraction,
-                    "init": init,
-                    "transfer": transfer,
-                    "baseline": baseline,
-                    "n_pairs": len(diffs),
-                    "seeds": ",".join(str(s) for s in at["seed"]),
-                    "mean_diff": round(float(diffs.mean()), 2),
-                    "ci_low": round(low, 2),
-                    "ci_high": round(high, 2),
-                    "n_better": int((diffs > 0).sum()),
-                }
-            )
-    return pd.DataFrame(rows, columns=columns).sort_values("fraction", kind="stable").reset_index(drop=True)
-
-
-def format_paired(paired: pd.DataFrame, fractions: Sequence[float]) -> str:
-    """Paired differences as a Table-7-shaped grid: cells ``"+0.71 [-0.20, +1.50] (n=3)"``."""
-    columns = [_fraction_label(f) for f in fractions]
-    rows: dict[str, dict[str, str]] = {}
-    for rec in paired.itertuples(index=False):
-        ci = "[no CI]" if math.isnan(rec.ci_low) else f"[{rec.ci_low:+.2f}, {rec.ci_high:+.2f}]"
-        cell = f"{rec.mean_diff:+.2f} {ci} (n={rec.n_pairs})"
-        rows.setdefault(_row_label(rec.init, rec.transfer), {})[_fraction_label(rec.fraction)] = cell
-    table = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=columns).fillna("-")
-    return table.to_string()
-
-
-def report(cfg: ExperimentConfig, results: pd.DataFrame, paths: dict[str, Path]) -> None:
-    """Write ``summary.csv`` and ``paired.csv`` from ``results`` and print the tables."""
-    summary = summarize(results)
-    paired = paired_differences(results, cfg.baseline)
-    write_csv(summary, paths["summary"])
-    write_csv(paired, paths["paired"])
-    if results.empty:
-        print("no finished runs yet")
-        return
-    dataset = str(results["dataset"].iloc[0])
-    print(f"\n{cfg.name} ({dataset}): test mIoU %, mean ± sample std over seeds")
-    print(format_table7(summary, cfg.fractions))
-    reference = format_paper_reference(dataset)
-    if reference is not None:
-        print(f"\n{reference}")
-    if not paired.empty:
-        print(
-            f"\nmIoU difference to '{cfg.baseline}' in percentage points, paired by fraction and seed\n"
-            f"[bootstrap 95 % CI over the seed differences, {N_BOOTSTRAP} resamples; coarse with few seeds]"
-        )
-        print(format_paired(paired, cfg.fractions))
-    print(f"\ntables: {paths['results']}, {paths['summary']}, {paths['paired']}")
-
-
-def write_csv(table: pd.DataFrame, path: Path) -> None:
-    """Write ``table`` to ``path`` atomically (a temporary file renamed over it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
@@ -745,14 +660,6 @@ def _format_plan(cfg: ExperimentConfig, plan: pd.DataFrame) -> str:
         plan.to_string(index=False),
     ]
     return "\n".join(lines + [f"note: {m}" for m in missing])
-
-
-def _row_label(init: str, transfer: str) -> str:
-    return init if transfer == "random" else f"{init} / {transfer}"
-
-
-def _fraction_label(fraction: float) -> str:
-    return f"{float(fraction) * 100:g} %"
 
 
 def _column_name(cls: Any) -> str:
@@ -804,3 +711,18 @@ def _check_init(label: str, spec: InitSpec) -> None:
     if spec.transfers is not None:
         _check_transfers(spec.transfers, f"{key}.transfers")
     _check_overrides(spec.overrides, f"{key}.overrides")
+
+
+def _check_decoder_transfers(cfg: ExperimentConfig, label: str) -> None:
+    """An encoder-only method never trained its decoder: transferring it would pass random weights off as
+    pre-trained ones."""
+    spec = cfg.inits[label]
+    if spec.path is None or spec.method not in ENCODER_ONLY_METHODS:
+        return
+    if "encoder_decoder" in cfg.init_transfers(label):
+        key = f"inits.{label}.transfers" if spec.transfers is not None else "transfers"
+        raise ConfigError(
+            f"config key '{key}': init '{label}' ({spec.method}) pre-trains the encoder only, so its decoder was "
+            f"never trained and transfer encoder_decoder would fine-tune a random decoder as if pre-trained; "
+            f"set inits.{label}.transfers=[encoder]"
+        )

@@ -18,8 +18,8 @@ def test_demo_grid_points_into_the_demo_folder(tmp_path):
     exports = {m: tmp_path / "pretrain" / m / "export" for m in METHOD_OVERRIDES}
     cfg = demo_experiment(tmp_path, tmp_path / "data" / "isic2017", exports)
     specs = expand_grid(cfg)
-    # random: 3 fractions x 2 seeds; slotcon, decon_ml: 2 transfers x 3 fractions x 2 seeds
-    assert len(specs) == 6 + 2 * 12
+    # random: 3 fractions x 2 seeds; slotcon: encoder only; decon_ml: 2 transfers x 3 fractions x 2 seeds
+    assert len(specs) == 6 + 6 + 12
     assert Path(cfg.out_dir) == tmp_path / "experiment"
     assert {s.cfg.init for s in specs} == {None, *map(str, exports.values())}
     assert all(s.cfg.data.root == str(tmp_path / "data" / "isic2017") for s in specs)

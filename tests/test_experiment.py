@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import typing
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 import yaml
 
 from decon_med.cli_experiment import add_commands
-from decon_med.config import Method
+from decon_med.config import Method, load_config
 from decon_med.errors import ConfigError
 from decon_med.experiment import (
     PAPER_TABLE7,
@@ -96,15 +97,14 @@ def write_experiment(tmp_path: Path, weights: dict[str, Path], **changes) -> Pat
     raw = {
         "name": "test_grid",
         "finetune": str(REPO / "configs/finetune/isic.yaml"),
-        "overrides": ["data.root=/nowhere/isic2017", "model.encoder=resnet18"],
-        "transfer_overrides": {"encoder_decoder": ["model.arch=unet"]},
+        "overrides": ["data.root=/nowhere/isic2017", "model.encoder=resnet18", "model.arch=unet"],
         "inits": {
             "random": {"path": None, "method": "random"},
-            "slotcon": {"path": str(weights["slotcon"]), "method": "slotcon"},
+            "slotcon": {"path": str(weights["slotcon"]), "method": "slotcon", "transfers": ["encoder"]},
             "decon_ml": {
                 "path": str(weights["decon_ml"]),
                 "method": "decon_ml",
-                "overrides": ["train.iters=30"],
+                "overrides": ["train.log_every=7"],
             },
         },
         "transfers": ["encoder", "encoder_decoder"],
@@ -135,7 +135,7 @@ def finished(exp_file, capsys):
 
 def test_grid_expansion_counts_names_and_configs(exp_file, tmp_path):
     specs = expand_grid(load_experiment(exp_file))
-    assert len(specs) == 1 * 3 * 3 + 2 * 2 * 3 * 3
+    assert len(specs) == 1 * 3 * 3 + 1 * 3 * 3 + 1 * 2 * 3 * 3
     names = [s.name for s in specs]
     assert len(set(names)) == len(names)
     assert names[0] == "random-random-f0.05-s0" and names[-1] == "decon_ml-encoder_decoder-f1.0-s2"
@@ -150,16 +150,21 @@ def test_grid_expansion_counts_names_and_configs(exp_file, tmp_path):
         1,
     )
     assert cfg.out_dir == str(tmp_path / "exp" / "runs" / spec.name)
-    assert (cfg.data.root, cfg.model.encoder, cfg.model.arch, cfg.train.iters) == (
+    assert (cfg.data.root, cfg.model.encoder, cfg.model.arch, cfg.train.iters, cfg.train.log_every) == (
         "/nowhere/isic2017",
         "resnet18",
         "unet",
-        30,
+        24000,
+        7,
     )
     slot = next(s for s in specs if s.name == "slotcon-encoder-f1.0-s0").cfg
-    assert (slot.model.arch, slot.train.iters, slot.init) == ("fcn", 24000, str(tmp_path / "weights/slotcon"))
+    assert (slot.model.arch, slot.train.log_every, slot.init) == (
+        "unet",
+        50,
+        str(tmp_path / "weights/slotcon"),
+    )
     rand = specs[0].cfg
-    assert (rand.init, rand.transfer, rand.model.arch) == (None, "random", "fcn")
+    assert (rand.init, rand.transfer, rand.model.arch) == (None, "random", "unet")
     assert run_name("slotcon", "encoder", 1, 2) == "slotcon-encoder-f1.0-s2"
     # a finished grid run keeps only its selected weights unless the overrides say otherwise
     assert all(s.cfg.train.prune_finished for s in specs)
@@ -179,7 +184,7 @@ def test_dry_run_runs_nothing_and_lists_status(exp_file, capsys):
     assert runner.calls == []
     assert set(paths) == {"runs"}
     assert not (Path(cfg.out_dir) / "results.csv").exists()
-    assert "45 runs" in out and "1 done, 1 interrupted, 43 pending" in out
+    assert "36 runs" in out and "1 done, 1 interrupted, 34 pending" in out
     lines = {line.split()[0]: line.split()[-1] for line in out.splitlines()[2:] if line.strip()}
     assert lines["random-random-f0.05-s0"] == "done"
     assert lines["slotcon-encoder-f0.05-s0"] == "interrupted"
@@ -188,7 +193,7 @@ def test_dry_run_runs_nothing_and_lists_status(exp_file, capsys):
 
 def test_rerun_skips_finished_and_resumes_interrupted(finished):
     cfg, runner, paths, _ = finished
-    assert len(runner.calls) == 45
+    assert len(runner.calls) == 36
     assert all(not resume and not overwrite for _, resume, overwrite in runner.calls)
     again = FakeRunner()
     run_experiment(cfg, runner=again, progress=False)
@@ -203,7 +208,7 @@ def test_rerun_skips_finished_and_resumes_interrupted(finished):
         ("slotcon-encoder-f0.25-s1", False, True),
         ("decon_ml-encoder-f1.0-s0", True, False),
     ]
-    assert len(pd.read_csv(paths["results"])) == 45
+    assert len(pd.read_csv(paths["results"])) == 36
 
 
 def test_results_csv_columns_and_values(finished):
@@ -213,7 +218,7 @@ def test_results_csv_columns_and_values(finished):
         "dataset", "init", "method", "transfer", "fraction", "seed", "n_train", "mIoU", "mDice", "aAcc",
         "IoU_background", "IoU_lesion", "Dice_background", "Dice_lesion", "selected_iter", "wall_time_s", "run_dir",
     ]  # fmt: skip
-    assert len(results) == 45
+    assert len(results) == 36
     row = results.set_index(results["run_dir"].map(lambda p: Path(p).name)).loc[
         "decon_ml-encoder_decoder-f0.25-s2"
     ]
@@ -236,7 +241,7 @@ def test_results_csv_columns_and_values(finished):
 def test_summary_mean_and_sample_std(finished):
     _, _, paths, _ = finished
     summary = pd.read_csv(paths["summary"])
-    assert len(summary) == 5 * 3
+    assert len(summary) == 4 * 3
     assert set(summary["n_seeds"]) == {3}
     at = summary.set_index(["init", "transfer", "fraction"])
     # random, 5 %: 60.5, 61.5, 62.5 -> mean 61.50, sample std 1.00
@@ -257,9 +262,9 @@ def test_printed_table_has_the_shape_of_table_7(finished):
     lines = out.splitlines()
     header = lines.index("test_grid (isic2017): test mIoU %, mean ± sample std over seeds") + 1
     assert lines[header].split()[-6:] == ["5", "%", "25", "%", "100", "%"]
-    rows = lines[header + 1 : header + 6]
+    rows = lines[header + 1 : header + 5]
     assert [r.split("  ")[0].strip() for r in rows] == [
-        "random", "slotcon / encoder", "slotcon / encoder_decoder", "decon_ml / encoder", "decon_ml / encoder_decoder",
+        "random", "slotcon / encoder", "decon_ml / encoder", "decon_ml / encoder_decoder",
     ]  # fmt: skip
     assert rows[0].split()[1:] == ["61.50", "±", "1.00", "63.50", "±", "1.00", "71.00", "±", "1.00"]
     assert "65.00 ± 1.50" in rows[1]
@@ -274,7 +279,7 @@ def test_printed_table_has_the_shape_of_table_7(finished):
 def test_paired_differences_and_bootstrap_ci(finished):
     _, _, paths, out = finished
     paired = pd.read_csv(paths["paired"])
-    assert len(paired) == 4 * 3
+    assert len(paired) == 3 * 3
     assert set(paired["baseline"]) == {"random"} and set(paired["n_pairs"]) == {3}
     assert paired["fraction"].is_monotonic_increasing
     row = paired.set_index(["init", "transfer", "fraction"]).loc[("slotcon", "encoder", 0.05)]
@@ -357,21 +362,21 @@ def test_missing_init_weights_stop_before_anything_runs(exp_file, weights):
 
 def test_failed_run_is_reported_and_the_others_complete(exp_file, capsys):
     cfg = load_experiment(exp_file)
-    bad = "slotcon-encoder_decoder-f0.25-s1"
+    bad = "decon_ml-encoder_decoder-f0.25-s1"
     runner = FakeRunner(fail=(bad,))
-    with pytest.raises(GridError, match=f"1 of 45 runs failed \\({bad}\\)") as info:
+    with pytest.raises(GridError, match=f"1 of 36 runs failed \\({bad}\\)") as info:
         run_experiment(cfg, runner=runner, progress=False)
     out, err = capsys.readouterr()
-    assert len(runner.calls) == 45
+    assert len(runner.calls) == 36
     assert info.value.failed == [bad]
     assert f"run {bad} failed: RuntimeError: simulated out-of-memory" in out + err
     log = Path(cfg.out_dir) / "failed" / f"{bad}.txt"
     assert "simulated out-of-memory" in log.read_text()
-    assert len(pd.read_csv(info.value.paths["results"])) == 44
+    assert len(pd.read_csv(info.value.paths["results"])) == 35
     assert (
         pd.read_csv(info.value.paths["summary"])
         .set_index(["init", "transfer", "fraction"])
-        .loc[("slotcon", "encoder_decoder", 0.25), "n_seeds"]
+        .loc[("decon_ml", "encoder_decoder", 0.25), "n_seeds"]
         == 2
     )
     retry = FakeRunner()
@@ -386,35 +391,111 @@ def test_cli_parses_experiment_dry_run(exp_file, capsys):
     args = parser.parse_args(["experiment", str(exp_file), "seeds=[0]", "inits.decon_ml=null", "--dry-run"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "9 runs" in out and "0 done, 0 interrupted, 9 pending" in out
+    assert "6 runs" in out and "0 done, 0 interrupted, 6 pending" in out
+
+
+SHIPPED_GRIDS = {
+    # name: (runs, the one fine-tuning arch of every row)
+    "table7_isic": (1 * 3 * 3 + 1 * 3 * 3 + 2 * 2 * 3 * 3, "unet"),
+    "table7_refuge": (1 * 3 * 3 + 1 * 3 * 3 + 2 * 2 * 3 * 3, "unet"),
+    "table7_isic_fcn": (1 * 3 * 3 + 1 * 3 * 3 + 1 * 2 * 3 * 3, "fcn"),
+    "table7_refuge_fcn": (1 * 3 * 3 + 1 * 3 * 3 + 1 * 2 * 3 * 3, "fcn"),
+    "demo": (1 * 3 * 2 + 1 * 3 * 2 + 1 * 2 * 3 * 2, "unet"),
+    "methods_isic": (3 * 3 * 3 + 5 * 2 * 3 * 3, "unet"),
+}
+
+
+def test_every_shipped_grid_is_listed():
+    assert {p.stem for p in (REPO / "configs/experiment").glob("*.yaml")} == set(SHIPPED_GRIDS)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_GRIDS))
+def test_shipped_grids_pass_dry_run_with_one_network(monkeypatch, capsys, name):
+    monkeypatch.chdir(REPO)
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["experiment", f"configs/experiment/{name}.yaml", "--dry-run", "--quiet"])
+    assert args.func(args) == 0
+    count, arch = SHIPPED_GRIDS[name]
+    assert f"experiment {name}: {count} runs" in capsys.readouterr().out
+    specs = expand_grid(load_experiment(f"configs/experiment/{name}.yaml"))
+    assert {s.cfg.model.arch for s in specs} == {arch}
+    assert len({(s.cfg.model.encoder, s.cfg.data.image_size, s.cfg.train.iters) for s in specs}) == 1
+    # an encoder-only method never transfers its (untrained) decoder
+    assert not [
+        s.name for s in specs if s.method in ("slotcon", "densecl") and s.transfer == "encoder_decoder"
+    ]
+    if name == "methods_isic":
+        # every pre-training method is compared, each init pointing at its own method's export
+        inits = load_experiment(f"configs/experiment/{name}.yaml").inits.values()
+        assert {spec.method for spec in inits} == {"random", *typing.get_args(Method)}
+        assert all(spec.path is None or f"/{spec.method}_isic/" in spec.path for spec in inits)
+    if arch == "fcn":
+        # the FCN grids read the exports of the FCN pre-training configs
+        for spec in load_experiment(f"configs/experiment/{name}.yaml").inits.values():
+            if spec.path is not None:
+                pretrain = load_config(
+                    f"configs/pretrain/{spec.method}_fcn{'_refuge' if 'refuge' in name else ''}.yaml"
+                )
+                assert pretrain.model.arch == "fcn" and f"{pretrain.out_dir}/export" == spec.path
+
+
+def test_mixed_architectures_are_refused_before_anything_runs(tmp_path, weights):
+    path = write_experiment(tmp_path, weights, transfer_overrides={"encoder_decoder": ["model.arch=fpn"]})
+    runner = FakeRunner()
+    with pytest.raises(
+        ConfigError,
+        match=r"'model\.arch'.*'unet' in random-random-f0.05-s0 and 'fpn' in "
+        r"decon_ml-encoder_decoder-f0.05-s0 \(set by transfer_overrides\.encoder_decoder\)",
+    ):
+        run_experiment(load_experiment(path), runner=runner, progress=False)
+    with pytest.raises(ConfigError, match=r"'model\.arch'"):
+        run_experiment(load_experiment(path), dry_run=True, runner=runner, progress=False)
+    assert runner.calls == []
+    assert not (tmp_path / "exp").exists()
 
 
 @pytest.mark.parametrize(
-    ("name", "count"), [("table7_isic", 63), ("table7_refuge", 63), ("demo", 30), ("methods_isic", 117)]
+    ("override", "key", "source"),
+    [
+        ("inits.decon_ml.overrides=[train.iters=30]", "train.iters", "inits.decon_ml.overrides"),
+        ("inits.slotcon.overrides=[model.encoder=resnet34]", "model.encoder", "inits.slotcon.overrides"),
+        ("inits.decon_ml.overrides=[data.image_size=256]", "data.image_size", "inits.decon_ml.overrides"),
+        ("transfer_overrides.encoder=[train.loss=dice_ce]", "train.loss", "transfer_overrides.encoder"),
+    ],
 )
-def test_shipped_experiment_configs_load_and_expand(monkeypatch, name, count):
-    monkeypatch.chdir(REPO)
-    cfg = load_experiment(f"configs/experiment/{name}.yaml")
-    specs = expand_grid(cfg)
-    assert len(specs) == count
-    assert cfg.baseline in cfg.inits
-    assert all(s.cfg.out_dir.startswith(cfg.out_dir) for s in specs)
-    if name == "table7_isic":
-        assert count == 1 * 3 * 3 + 3 * 2 * 3 * 3
-        assert {s.cfg.data.name for s in specs} == {"isic2017"}
-    if name == "table7_refuge":
-        assert {s.cfg.data.name for s in specs} == {"refuge"}
-    if name == "methods_isic":
-        # every pre-training method is compared, each init pointing at its own method's export
-        assert {spec.method for spec in cfg.inits.values()} == {"random", *typing.get_args(Method)}
-        for spec in cfg.inits.values():
-            assert spec.path is None or f"/{spec.method}_isic/" in spec.path
-    if name == "demo":
-        cfg0 = specs[0].cfg
-        assert (cfg0.model.arch, cfg0.model.encoder, cfg0.data.image_size, cfg0.train.iters) == (
-            "unet",
-            "resnet18",
-            64,
-            20,
-        )
-        assert cfg0.data.root == "runs/demo/data/isic2017"
+def test_rows_that_differ_in_a_setting_are_refused_naming_the_key(exp_file, override, key, source):
+    with pytest.raises(ConfigError, match=rf"config key '{re.escape(key)}'.*\(set by {re.escape(source)}\)"):
+        expand_grid(load_experiment(exp_file, [override]))
+
+
+def test_rows_may_differ_in_logging_and_storage_keys(exp_file):
+    specs = expand_grid(
+        load_experiment(exp_file, ["transfer_overrides.encoder=[train.ckpt_every=7, data.num_workers=0]"])
+    )
+    assert {s.cfg.train.ckpt_every for s in specs} == {7, 500}
+
+
+@pytest.mark.parametrize("method", ["slotcon", "densecl"])
+def test_decoder_transfer_of_an_encoder_only_method_is_refused(exp_file, method):
+    for override, key in [
+        ("inits.slotcon.transfers=[encoder, encoder_decoder]", "inits.slotcon.transfers"),
+        ("inits.slotcon.transfers=null", "transfers"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"'{key}'.*\({method}\) .*decoder was never trained"):
+            load_experiment(exp_file, [override, f"inits.slotcon.method={method}"])
+
+
+def test_init_recording_another_decoder_is_refused_before_anything_runs(exp_file, weights):
+    (weights["decon_ml"] / "export.json").write_text(
+        json.dumps({"arch": "fcn", "encoder": "resnet18", "in_channels": 3})
+    )
+    runner = FakeRunner()
+    with pytest.raises(
+        ConfigError, match=r"inits\.decon_ml\.path.*decoder pre-trained as fcn, fine-tuning unet"
+    ):
+        run_experiment(load_experiment(exp_file), runner=runner, progress=False)
+    assert runner.calls == []
+    # encoder transfer alone takes an FCN-pre-trained encoder
+    run_experiment(load_experiment(exp_file, ["transfers=[encoder]"]), runner=runner, progress=False)
+    assert len(runner.calls) == 27

@@ -2,7 +2,10 @@
 
 Every problem is a :class:`~decon_med.errors.DataError` whose message starts with the offending file: missing
 root, empty folder, unreadable or truncated image / NIfTI, image without mask (or mask without image), mask
-values outside the expected set, image/mask size mismatch, a label fraction that selects no image.
+values outside the expected set, image/mask size mismatch, a label fraction that selects no image; for volumes,
+a label whose shape or affine differs from its image's, non-integer label values and 4D images without
+``data.channels``. The summary also counts, per split, the slices each rule skipped and the modality of each
+volume, and lists files whose intensities contradict their declared modality.
 
 Example:
     >>> summary = check_dataset(load_config("configs/finetune/isic.yaml"))
@@ -19,9 +22,9 @@ from tqdm import tqdm
 
 from decon_med.config import Config
 from decon_med.data.datasets import read_pair
-from decon_med.data.layouts import LAYOUTS, SPLITS, Layout, get_layout, slice_options
+from decon_med.data.layouts import LAYOUTS, SPLITS, Layout, get_layout, num_classes, slice_options
 from decon_med.data.splits import split_fraction
-from decon_med.errors import DataError
+from decon_med.errors import ConfigError, DataError
 
 
 def check_dataset(cfg: Config, progress: bool = True) -> dict:
@@ -37,6 +40,12 @@ def check_dataset(cfg: Config, progress: bool = True) -> dict:
     layout = get_layout(cfg.data)
     layout.check_root()
     labeled = layout.name != "unlabeled"
+    names = cfg.data.class_names
+    if labeled and names is not None and len(names) != num_classes(cfg.data):
+        raise ConfigError(
+            f"config key 'data.class_names': has {len(names)} names but the dataset has "
+            f"{num_classes(cfg.data)} classes"
+        )
     splits = SPLITS if labeled else ("train",)
     summary: dict = {
         "dataset": layout.name,
@@ -52,6 +61,7 @@ def check_dataset(cfg: Config, progress: bool = True) -> dict:
         if split == "train":
             train_items = items
         summary["splits"][split] = _check_items(layout, items, split, cfg.data.num_workers, progress)
+        summary["splits"][split].update(_volume_stats(layout.stats.get(split, {})))
     fraction = getattr(cfg, "fraction", None)
     if fraction is not None:
         subset = split_fraction(train_items, fraction, cfg.seed)
@@ -99,6 +109,27 @@ def _check_items(layout: Layout, items: list[dict], split: str, workers: int, pr
     }
 
 
+def _volume_stats(stats: dict) -> dict:
+    """Slices skipped per rule, file modalities and intensity warnings of one split's volumes."""
+    return {
+        "skipped_slices": {rule: int(n) for rule, n in sorted(stats.get("skipped", {}).items())},
+        "modalities": {m: int(n) for m, n in sorted(stats.get("modalities", {}).items())},
+        "warnings": list(stats.get("warnings", [])),
+    }
+
+
+def _format_volume_stats(summary: dict) -> list[str]:
+    lines = []
+    for split, s in summary["splits"].items():
+        if s.get("modalities"):
+            files = ", ".join(f"{m} {n}" for m, n in s["modalities"].items())
+            skipped = ", ".join(f"{rule}: {n}" for rule, n in s.get("skipped_slices", {}).items()) or "none"
+            lines.append(f"{split:<6} volumes by modality: {files}; slices skipped: {skipped}")
+    for s in summary["splits"].values():
+        lines += [f"warning: {w}" for w in s.get("warnings", [])]
+    return lines
+
+
 def format_summary(summary: dict) -> str:
     """A readable table of :func:`check_dataset`'s summary."""
     lines = [f"dataset {summary['dataset']} at {summary['root']}"]
@@ -126,6 +157,7 @@ def format_summary(summary: dict) -> str:
         ]
         if diffs:
             lines.append("note: counts differ from the official release (" + ", ".join(diffs) + ")")
+    lines += _format_volume_stats(summary)
     if "fraction" in summary:
         f = summary["fraction"]
         lines.append(

@@ -32,7 +32,12 @@ from torch.utils.data import default_collate
 from decon_med.config import Config
 from decon_med.data.io import read_image, read_mask
 from decon_med.data.layouts import Layout, get_layout, slice_options
-from decon_med.data.transforms import SegEvalTransform, SegTrainTransform, TwoViewTransform
+from decon_med.data.transforms import (
+    SegEvalTransform,
+    SegTrainTransform,
+    TwoViewTransform,
+    augmentation_modality,
+)
 from decon_med.data.volumes import SliceOptions, load_label_slice, load_slice
 from decon_med.errors import DataError
 
@@ -42,8 +47,9 @@ Mode = Literal["pretrain", "train", "eval"]
 class LoadSample(Transform):
     """Read an item's image (2D file or NIfTI slice) and, if present, its mask mapped to class indices.
 
-    Only ``image``, ``label`` (when the item has one) and ``id`` are kept, so items from 2D files and from
-    volumes collate together.
+    Only ``image``, ``label`` (when the item has one), ``id`` and ``modality`` (the file's own for a NIfTI slice,
+    so CT / MR slices never get RGB colour augmentation; the configured one for 2D files) are kept, so items from
+    2D files and from volumes collate together.
 
     Example:
         >>> load = LoadSample(layout, slice_options(cfg.data))
@@ -53,10 +59,11 @@ class LoadSample(Transform):
     def __init__(self, layout: Layout, opts: SliceOptions):
         self.layout = layout
         self.opts = opts
+        self._modality = opts.modality if opts.modality in ("rgb", "gray", "mr", "ct") else "rgb"
 
     def __call__(self, item: dict) -> dict:
         image, raw = read_pair(item, self.opts)
-        sample = {"image": image, "id": item["id"]}
+        sample = {"image": image, "id": item["id"], "modality": item.get("modality") or self._modality}
         if raw is not None:
             sample["label"] = self.layout.map_label(raw, item["label"])
         return sample
@@ -76,7 +83,7 @@ def read_pair(item: dict, opts: SliceOptions) -> tuple[np.ndarray, np.ndarray | 
     if not label_path:
         return image, None
     if "slice" in item:
-        raw = load_label_slice(label_path, item["axis"], item["slice"])
+        raw = load_label_slice(item, opts)
     else:
         raw = read_mask(label_path)
     if raw.shape != image.shape[:2]:
@@ -112,7 +119,7 @@ def build_transform(cfg: Config, mode: Mode, full_labels: bool = False):
     ``full_labels`` (eval mode) also keeps each mask at its original size as ``label_full``.
     """
     data, aug = cfg.data, cfg.augment
-    common = {"modality": data.modality, "in_channels": data.in_channels}
+    common = {"modality": augmentation_modality(data.modality), "in_channels": data.in_channels}
     if mode == "pretrain":
         return TwoViewTransform(
             data.image_size,

@@ -1,8 +1,9 @@
 """Dataset layouts: which files make up each split, and how mask values map to classes.
 
 A layout lists MONAI-style items ``{"image": path, "label": path | None, "id": str}``; NIfTI volumes are expanded
-into one item per kept slice (with ``"slice"``, ``"axis"``, ``"range"`` and ``"group"`` = the volume's id, so
-splits and label fractions never separate the slices of one scan).
+into one item per kept slice (see :mod:`decon_med.data.layout_base`). Layouts: ``isic2017``, ``refuge``,
+``folder`` (images/ + masks/), ``unlabeled`` (any tree), ``nnunet`` (nnU-Net raw) and ``datalist`` (MSD / MONAI
+datalist JSON); the last two are in :mod:`decon_med.data.case_layouts`.
 
 Example:
     >>> layout = get_layout(DataConfig(name="isic2017", root="/data/isic2017"))
@@ -14,183 +15,26 @@ Example:
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
-from sklearn.model_selection import train_test_split
-
 from decon_med.config import DataConfig
-from decon_med.data.io import file_stem, is_image, is_nifti
-from decon_med.data.volumes import SliceOptions, scan_volume
+from decon_med.data.case_layouts import Datalist, NnUNetRaw
+from decon_med.data.io import file_stem
+from decon_med.data.layout_base import (
+    SPLITS,
+    Layout,
+    _by_key,
+    _files,
+    _find_dir,
+    _match,
+    _require,
+    assign_splits,
+    slice_options,
+)
+from decon_med.data.splits import check_split_lists
 from decon_med.errors import DataError
 
-SPLITS = ("train", "val", "test")
-
-
-def slice_options(cfg: DataConfig) -> SliceOptions:
-    """NIfTI slicing options from the data config."""
-    return SliceOptions(
-        axis=cfg.slice_axis,
-        modality=cfg.modality,
-        clip_percentiles=tuple(cfg.clip_percentiles),
-        ct_window=tuple(cfg.ct_window),
-        foreground_threshold=cfg.foreground_threshold,
-        min_foreground=cfg.min_foreground,
-        channels=cfg.in_channels,
-    )
-
-
-class Layout:
-    """Base class: a dataset's file layout and mask encoding.
-
-    Subclasses set ``name``, ``class_names`` and ``mask_values`` (raw grey value of each class, in class order)
-    and implement :meth:`_pairs`.
-    """
-
-    name = ""
-    class_names: tuple[str, ...] = ()
-    #: Raw mask value of each class index; ``None`` means the masks already hold class indices.
-    mask_values: tuple[int, ...] | None = None
-    #: Human-readable description of the expected tree, used in error messages and docs.
-    expected_tree = ""
-
-    def __init__(self, cfg: DataConfig):
-        self.cfg = cfg
-        self.root = Path(cfg.root).expanduser()
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def check_root(self) -> None:
-        """Raise :class:`DataError` if the root folder is missing or empty."""
-        if not self.root.is_dir():
-            raise DataError(self.root, f"dataset root not found (data.name={self.name})")
-        if not any(self.root.iterdir()):
-            raise DataError(self.root, "dataset root is empty")
-
-    def items(self, split: str = "train", labeled: bool = True) -> list[dict]:
-        """Items of one split, sorted by id. ``labeled=False`` lists images only (masks need not exist)."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split '{split}'; expected one of {SPLITS}")
-        self.check_root()
-        pairs = self._pairs(split, labeled)
-        items = []
-        for image, label in pairs:
-            items.extend(self._expand(image, label))
-        return sorted(items, key=lambda it: it["id"])
-
-    def label_lut(self) -> np.ndarray | None:
-        """Lookup table raw value -> class index (-1 for values that are not allowed), or ``None``."""
-        if self.mask_values is None:
-            return None
-        lut = np.full(256, -1, dtype=np.int64)
-        for index, value in enumerate(self.mask_values):
-            lut[value] = index
-        return lut
-
-    def allowed_values(self) -> set[int]:
-        """Raw mask values a valid mask may contain."""
-        if self.mask_values is not None:
-            return set(self.mask_values)
-        return set(range(self.num_classes))
-
-    def map_label(self, raw: np.ndarray, path: str | Path) -> np.ndarray:
-        """Raw mask values -> int64 class indices; an unexpected value is a :class:`DataError` naming the file."""
-        bad = sorted(set(np.unique(raw).tolist()) - self.allowed_values())
-        if bad:
-            allowed = sorted(self.allowed_values())
-            raise DataError(path, f"mask values {bad[:8]} outside the expected set {allowed}")
-        lut = self.label_lut()
-        return raw.astype(np.int64) if lut is None else lut[raw]
-
-    # -- for subclasses ------------------------------------------------------------------------------------
-    def _pairs(self, split: str, labeled: bool) -> list[tuple[Path, Path | None]]:
-        raise NotImplementedError
-
-    def _expand(self, image: Path, label: Path | None) -> list[dict]:
-        """One item for a 2D image; one per kept slice for a NIfTI volume."""
-        item_id = self._item_id(image)
-        if not is_nifti(image):
-            return [
-                {
-                    "image": str(image),
-                    "label": None if label is None else str(label),
-                    "id": item_id,
-                    "group": item_id,
-                }
-            ]
-        slices = scan_volume(image, slice_options(self.cfg), id_prefix=item_id)
-        for item in slices:
-            item["label"] = None if label is None else str(label)
-            item["group"] = item_id
-        return slices
-
-    def _item_id(self, image: Path) -> str:
-        return file_stem(image)
-
-
-# -- helpers shared by the official layouts ------------------------------------------------------------------
-def _find_dir(root: Path, pattern: str, exclude: str | None = None, depth: int = 3) -> Path | None:
-    """First folder (breadth-first, up to ``depth`` levels) whose lower-cased name fully matches ``pattern``."""
-    regex = re.compile(pattern)
-    skip = re.compile(exclude) if exclude else None
-    level = [root]
-    for _ in range(depth):
-        nxt = []
-        for folder in level:
-            for child in sorted(p for p in folder.iterdir() if p.is_dir()):
-                name = child.name.lower()
-                if regex.fullmatch(name) and not (skip and skip.search(name)):
-                    return child
-                nxt.append(child)
-        level = nxt
-    return None
-
-
-def _files(folder: Path, keep: Iterable[str] | None = None) -> list[Path]:
-    """Image files below ``folder`` (recursive, hidden files skipped), sorted."""
-    found = []
-    for path in sorted(folder.rglob("*")):
-        if path.name.startswith(".") or not path.is_file():
-            continue
-        if is_image(path) or is_nifti(path):
-            found.append(path)
-    if keep is not None:
-        regex = re.compile("|".join(keep))
-        found = [p for p in found if regex.fullmatch(p.name.lower())]
-    return found
-
-
-def _by_key(paths: list[Path], key) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for path in paths:
-        k = key(path)
-        if k in out:
-            raise DataError(path, f"duplicate id '{k}' (also {out[k]})")
-        out[k] = path
-    return out
-
-
-def _match(images: dict[str, Path], masks: dict[str, Path], mask_dir: Path) -> list[tuple[Path, Path]]:
-    """Pair images with masks by key; a missing partner is a :class:`DataError` naming the file."""
-    for key, image in images.items():
-        if key not in masks:
-            raise DataError(image, f"image has no mask in {mask_dir}")
-    for key, mask in masks.items():
-        if key not in images:
-            raise DataError(mask, "mask has no matching image")
-    return [(images[k], masks[k]) for k in sorted(images)]
-
-
-def _require(folder: Path | None, root: Path, what: str, tree: str) -> Path:
-    if folder is None:
-        raise DataError(root, f"{what} not found; expected layout:\n{tree}")
-    if not any(folder.iterdir()):
-        raise DataError(folder, f"{what} is empty")
-    return folder
+__all__ = ["LAYOUTS", "SPLITS", "Layout", "get_layout", "num_classes", "slice_options"]
 
 
 # -- ISIC 2017 ------------------------------------------------------------------------------------------------
@@ -292,7 +136,8 @@ class LabeledFolder(Layout):
 
     PNG/JPG/BMP/TIFF or NIfTI (3D volumes become 2D slices; splits keep each volume whole). Splits come from an
     optional ``splits.json`` (``{"train": [ids], "val": [...], "test": [...]}``), otherwise from a seeded random
-    hold-out of ``data.val_fraction`` / ``data.test_fraction``.
+    hold-out of ``data.val_fraction`` / ``data.test_fraction``; ``data.fold`` picks a cross-validation fold as
+    val instead (see :func:`~decon_med.data.layout_base.assign_splits`).
     """
 
     name = "folder"
@@ -333,23 +178,12 @@ class LabeledFolder(Layout):
                 raise DataError(splits_file, f"not valid JSON ({exc})") from exc
             if not isinstance(splits, dict) or split not in splits:
                 raise DataError(splits_file, f"has no '{split}' list")
+            check_split_lists(splits, splits_file)
             unknown = sorted(set(splits[split]) - set(ids))
             if unknown:
                 raise DataError(splits_file, f"'{split}' lists ids with no image: {unknown[:5]}")
-            return sorted(splits[split])
-        return _holdout(ids, self.cfg.val_fraction, self.cfg.test_fraction, seed=0)[split]
-
-
-def _holdout(ids: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
-    """Seeded train / val / test split of ids; each held-out split gets at least one id when asked for."""
-    ids = sorted(ids)
-    n_test = max(1, round(len(ids) * test_fraction)) if test_fraction > 0 else 0
-    n_val = max(1, round(len(ids) * val_fraction)) if val_fraction > 0 else 0
-    if n_test + n_val >= len(ids):
-        raise DataError("splits", f"{len(ids)} images are too few for a val/test hold-out; add a splits.json")
-    rest, test = train_test_split(ids, test_size=n_test, random_state=seed) if n_test else (ids, [])
-    train, val = train_test_split(rest, test_size=n_val, random_state=seed) if n_val else (rest, [])
-    return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+            return assign_splits(ids, self.cfg, fixed=splits)[split]
+        return assign_splits(ids, self.cfg)[split]
 
 
 # -- unlabelled folder tree ---------------------------------------------------------------------------------------
@@ -362,6 +196,7 @@ class UnlabeledFolder(Layout):
     """
 
     name = "unlabeled"
+    images_only = True
     class_names = ()
     expected_tree = "  ROOT/**/<any name>.png|.jpg|.bmp|.tif|.nii|.nii.gz"
 
@@ -383,6 +218,8 @@ LAYOUTS: dict[str, type[Layout]] = {
     "refuge": Refuge,
     "folder": LabeledFolder,
     "unlabeled": UnlabeledFolder,
+    "nnunet": NnUNetRaw,
+    "datalist": Datalist,
 }
 
 

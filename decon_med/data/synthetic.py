@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +25,8 @@ import nibabel as nib
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
+
+from decon_med.folders import OwnedFolder
 
 SYNTH_KINDS: tuple[str, ...] = ("isic", "refuge", "folder", "nifti")
 
@@ -42,16 +43,37 @@ _REFUGE_BACKGROUND, _REFUGE_DISC, _REFUGE_CUP = 255, 128, 0
 
 
 # -- shared helpers -------------------------------------------------------------------------------------------
+#: Marker file of a synthetic dataset folder, written first.
+SYNTH_MARKER = ".decon-synth"
+#: Top-level entries the generators write; ``overwrite`` removes only these.
+SYNTH_ENTRIES: tuple[str, ...] = (
+    "ISIC-2017_*",
+    "Annotation-Training400",
+    "REFUGE-*",
+    "Training400",
+    "Test400",
+    "images",
+    "masks",
+    "splits.json",
+    "sub-*",
+)
+
+
 def _prepare_out(out: str | Path, overwrite: bool) -> Path:
-    """Create ``out``; a non-empty folder is an error unless ``overwrite``, which empties it first."""
+    """Create ``out`` and mark it; a non-empty folder is an error unless ``overwrite``.
+
+    ``overwrite`` removes only what a generator writes, and refuses (with a :class:`DeconError` listing them) a
+    folder holding anything else, the current folder or a parent of it, the home folder and ``/``.
+    """
     out = Path(out)
+    owned = OwnedFolder(out, SYNTH_MARKER, SYNTH_ENTRIES)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if not owned.is_empty():
         if not overwrite:
             raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        owned.clear(what="synthetic dataset folder")
+    owned.create()
     return out
 
 
@@ -606,6 +628,69 @@ def make_nifti(
             affine[:3, 3] += rng.uniform(-5, 5, 3).round(2)
             _save_nifti(_ct_thorax(rng), affine, root / f"patient_{i:03d}" / "ct.nii.gz", np.int16)
     return {"volumes": n}
+
+
+# -- nnU-Net raw layout ----------------------------------------------------------------------------------------
+def make_nnunet(
+    out: str | Path,
+    n: int = 6,
+    seed: int = 0,
+    channels: int = 1,
+    n_test: int = 2,
+    *,
+    overwrite: bool = False,
+) -> dict[str, int]:
+    """Write a small labelled nnU-Net raw dataset of MR-like volumes (with a datalist JSON beside it).
+
+    ``imagesTr/case_NNN_XXXX.nii.gz`` (one file per channel; channel ``c`` is the organ volume times ``1 + c``),
+    ``labelsTr/case_NNN.nii.gz`` (0 background, 1 organ, 2 lesion), ``imagesTs/`` + ``labelsTs/`` with ``n_test``
+    labelled test cases, ``dataset.json`` in nnU-Net's format and ``datalist.json`` listing the same files as an
+    MSD / MONAI datalist (``training`` and ``test`` with labels). Volumes are stored in LPS voxel order
+    (0.9 x 0.9 x 2.0 mm) so readers must reorient them.
+
+    Args:
+        out: the ``DatasetXXX_Name`` folder (created if missing).
+        n: training cases.
+        seed: random seed; the same seed gives byte-identical files.
+        channels: channel files per case.
+        n_test: labelled test cases.
+        overwrite: replace a non-empty ``out`` instead of raising :class:`FileExistsError`.
+
+    Returns:
+        ``{"train": n, "test": n_test}``.
+
+    Example:
+        >>> make_nnunet("nnUNet_raw/Dataset001_Organ", n=4, channels=2)
+        {'train': 4, 'test': 2}
+    """
+    _check_n(n)
+    root = _prepare_out(out, overwrite)
+    rng = np.random.default_rng(seed)
+    affine = np.diag([-0.9, -0.9, 2.0, 1.0])
+    affine[:3, 3] = (20.0, 20.0, -10.0)
+    datalist: dict[str, list] = {"training": [], "test": []}
+    for split, count, folder in (("training", n, "Tr"), ("test", n_test, "Ts")):
+        for i in range(count):
+            case = f"case_{i:03d}" if folder == "Tr" else f"test_{i:03d}"
+            volume, mask = _organ_volume(rng)
+            images = []
+            for c in range(channels):
+                rel = f"images{folder}/{case}_{c:04d}.nii.gz"
+                _save_nifti(volume * (1 + c), affine, root / rel, np.float32)
+                images.append(rel)
+            label = f"labels{folder}/{case}.nii.gz"
+            _save_nifti(mask, affine, root / label, np.uint8)
+            datalist[split].append({"image": images if channels > 1 else images[0], "label": label})
+    meta = {
+        "channel_names": {str(c): f"MR{c}" for c in range(channels)},
+        "labels": {"background": 0, "organ": 1, "lesion": 2},
+        "numTraining": n,
+        "file_ending": ".nii.gz",
+    }
+    (root / "dataset.json").write_text(json.dumps(meta, indent=1) + "\n")
+    msd = {"labels": {"0": "background", "1": "organ", "2": "lesion"}, **datalist}
+    (root / "datalist.json").write_text(json.dumps(msd, indent=1) + "\n")
+    return {"train": n, "test": n_test}
 
 
 # -- dispatch --------------------------------------------------------------------------------------------------

@@ -8,6 +8,10 @@ tensors), which makes resumed runs bit-exact. Without it a transform draws from 
 constructor's ``seed``; inside a ``DataLoader`` worker that generator is re-seeded from the worker's torch seed so
 that workers do not repeat each other's augmentations.
 
+Intensity images: a sample may carry ``"modality"`` (set per file for NIfTI slices); a ``ct``, ``mr`` or ``gray``
+sample always gets the intensity augmentations, never RGB colour jitter, hue or solarisation, whatever the
+configured modality. The key is consumed (not passed on).
+
 Geometry is done here with numpy / OpenCV so that crop boxes are exact. Pixel convention: pixel ``j`` covers
 ``[j, j + 1)``; a crop ``(x0, y0, w, h)`` covers ``[x0, x0 + w) x [y0, y0 + h)`` and is resized with OpenCV's
 half-pixel-centre sampling, so crop coordinate ``x`` lands at ``(x - x0) / w`` of the output side.
@@ -24,6 +28,8 @@ import numpy as np
 import torch
 
 MODALITIES = ("rgb", "gray", "mr", "ct")
+#: Per-sample modalities that are intensity images (never RGB photometric augmentation).
+INTENSITY_MODALITIES = ("gray", "mr", "ct")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,6 +57,23 @@ def default_normalisation(in_channels: int, modality: str) -> tuple[tuple[float,
     if in_channels == 3:
         return IMAGENET_MEAN, IMAGENET_STD
     return GRAY_MEAN, GRAY_STD
+
+
+def augmentation_modality(modality) -> str:
+    """The transform modality of a ``data.modality`` setting: ``auto`` and per-file mappings are ``gray``.
+
+    Example:
+        >>> augmentation_modality({"ct": "ct"}), augmentation_modality("rgb")
+        ('gray', 'rgb')
+    """
+    if isinstance(modality, str) and modality in MODALITIES:
+        return modality
+    return "gray"
+
+
+def _is_colour(modality: str, in_channels: int, sample_modality: str | None) -> bool:
+    """RGB photometric augmentation only for 3-channel rgb data whose sample is not an intensity image."""
+    return modality == "rgb" and in_channels == 3 and sample_modality not in INTENSITY_MODALITIES
 
 
 def _check_modality(modality: str, in_channels: int) -> None:
@@ -370,9 +393,11 @@ class TwoViewTransform(_RandomTransform):
         self.in_channels = in_channels
         self.color = color
         self.recipe = recipe
-        colour = modality == "rgb" and in_channels == 3
-        self._photometric = (
-            (_pretrain_photometric(colour, 1, recipe), _pretrain_photometric(colour, 2, recipe))
+        self._pipelines = (
+            {
+                colour: (_pretrain_photometric(colour, 1, recipe), _pretrain_photometric(colour, 2, recipe))
+                for colour in (False, True)
+            }
             if color
             else None
         )
@@ -387,13 +412,15 @@ class TwoViewTransform(_RandomTransform):
         flips = rng.random(2) < self.hflip
         inter = _intersection(*crops)
 
-        out = {key: value for key, value in data.items() if key not in ("image", "label")}
+        colour = _is_colour(self.modality, self.in_channels, data.get("modality"))
+        photometric = None if self._pipelines is None else self._pipelines[colour]
+        out = {key: value for key, value in data.items() if key not in ("image", "label", "modality")}
         for k, (crop, flip) in enumerate(zip(crops, flips, strict=True), start=1):
             view = _resize_image(image, crop, self.size)
             if flip:
                 view = view[:, ::-1]
-            if self._photometric is not None:
-                view = _run_seeded(self._photometric[k - 1], np.ascontiguousarray(view), rng)
+            if photometric is not None:
+                view = _run_seeded(photometric[k - 1], np.ascontiguousarray(view), rng)
             out[f"view{k}"] = _to_tensor(view, self.mean, self.std)
             out[f"box{k}"] = _overlap_box(crop, inter)
             out[f"flip{k}"] = torch.tensor(bool(flip))
@@ -447,7 +474,7 @@ class SegTrainTransform(_RandomTransform):
         self.vflip = vflip
         self.modality = modality
         self.in_channels = in_channels
-        self._photometric = _finetune_photometric(modality == "rgb" and in_channels == 3)
+        self._pipelines = {colour: _finetune_photometric(colour) for colour in (False, True)}
 
     def __call__(self, data: dict) -> dict:
         rng = self._rng_for(data)
@@ -465,9 +492,10 @@ class SegTrainTransform(_RandomTransform):
         if do_vflip:
             image = image[::-1]
             label = None if label is None else label[::-1]
-        image = _run_seeded(self._photometric, np.ascontiguousarray(image), rng)
+        colour = _is_colour(self.modality, self.in_channels, data.get("modality"))
+        image = _run_seeded(self._pipelines[colour], np.ascontiguousarray(image), rng)
 
-        out = {key: value for key, value in data.items() if key != "label"}
+        out = {key: value for key, value in data.items() if key not in ("label", "modality")}
         out["image"] = _to_tensor(image, self.mean, self.std)
         if label is not None:
             out["label"] = torch.from_numpy(np.ascontiguousarray(label))
@@ -516,7 +544,7 @@ class SegEvalTransform:
         whole: Crop = (0, 0, width, height)
         label = _label(data)
 
-        out = {key: value for key, value in data.items() if key != "label"}
+        out = {key: value for key, value in data.items() if key not in ("label", "modality")}
         out["image"] = _to_tensor(_resize_image(image, whole, self.size), self.mean, self.std)
         if label is not None:
             out["label"] = torch.from_numpy(_resize_label(label, whole, self.size))

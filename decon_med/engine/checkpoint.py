@@ -12,7 +12,9 @@ Example:
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -88,7 +90,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated / foreign files
-        raise DataError(path, f"not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise DataError(path, _load_problem(exc, "checkpoint")) from exc
     if not isinstance(state, dict):
         raise DataError(path, f"not a checkpoint: holds a {type(state).__name__}, not a dict")
     return state
@@ -117,17 +119,75 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path), device="cpu")
         except Exception as exc:
-            raise DataError(path, f"not a readable safetensors file ({exc})") from exc
+            raise DataError(path, f"not a readable safetensors file ({_first_line(exc)})") from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DataError(path, f"not a readable weights file ({type(exc).__name__}: {exc})") from exc
+        raise DataError(path, _load_problem(exc, "weights file")) from exc
     state = _find_state_dict(obj)
     if state is None:
         raise DataError(
             path, "holds no state dict (expected tensors, or a 'network'/'state_dict'/'model' entry)"
         )
     return state
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _load_problem(exc: BaseException, what: str) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` failed."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "weights only" in text.lower():
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            return (
+                f"refused: the {what} holds a Python object ({found.group(1)}), not only tensors and plain data, and "
+                "loading it could run code (only weights-only files are read)"
+            )
+        detail = [
+            line.strip() for line in text.split("WeightsUnpickler error:")[-1].splitlines() if line.strip()
+        ]
+        reason = detail[0] if detail and "WeightsUnpickler" in text else "unpickling failed"
+        return f"not a readable {what}: truncated or not a torch file ({reason})"
+    return f"not a readable {what} ({_first_line(exc)})"
+
+
+def nonfinite_tensors(state: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the floating-point tensors in a (nested) state holding NaN or inf.
+
+    Example:
+        >>> nonfinite_tensors({"bn.running_var": torch.tensor([1.0, float("inf")]), "step": 3})
+        ['bn.running_var']
+    """
+    bad: list[str] = []
+    if isinstance(state, torch.Tensor):
+        if (state.is_floating_point() or state.is_complex()) and not bool(torch.isfinite(state).all()):
+            bad.append(prefix.rstrip(".") or "<tensor>")
+    elif isinstance(state, dict):
+        for key, value in state.items():
+            bad += nonfinite_tensors(value, f"{prefix}{key}.")
+    elif isinstance(state, (list, tuple)):
+        for index, value in enumerate(state):
+            bad += nonfinite_tensors(value, f"{prefix}{index}.")
+    return bad
+
+
+def check_finite_state(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Raise a DataError naming ``path`` when a network state dict holds NaN or inf (weights or buffers).
+
+    Example:
+        >>> check_finite_state(load_checkpoint("run/last.ckpt")["network"], "run/last.ckpt")
+    """
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise DataError(
+            path,
+            f"holds non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}; the weights diverged and cannot "
+            "be used (take an earlier checkpoint)",
+        )
 
 
 def exported_prefix(checkpoint: dict[str, Any]) -> str:

@@ -34,9 +34,10 @@ from tqdm.auto import tqdm
 from decon_med.config import FinetuneConfig
 from decon_med.data.datasets import build_dataset, collate_eval
 from decon_med.data.layouts import get_layout
+from decon_med.engine.checkpoint import check_finite_state
 from decon_med.engine.loop import autocast
 from decon_med.engine.model_io import load_segmentation_model, resolve_checkpoint
-from decon_med.errors import DeconError
+from decon_med.errors import ConfigError, DeconError
 from decon_med.metrics import ConfusionMatrix
 
 SPLITS = ("train", "val", "test")
@@ -60,8 +61,19 @@ def predict_logits(network: nn.Module, images: torch.Tensor, amp: str = "none") 
 
 
 def class_names(cfg: FinetuneConfig, classes: int) -> list[str]:
-    """``data.class_names``, else the layout's names when they fit ``classes``, else ``"0"``, ``"1"``, ..."""
-    names = cfg.data.class_names or list(get_layout(cfg.data).class_names)
+    """``data.class_names``, else the layout's names when they fit ``classes``, else ``"0"``, ``"1"``, ...
+
+    Raises:
+        ConfigError: ``data.class_names`` is set and does not name ``classes`` classes.
+    """
+    if cfg.data.class_names is not None:
+        if len(cfg.data.class_names) != classes:
+            raise ConfigError(
+                f"config key 'data.class_names': has {len(cfg.data.class_names)} names but the network has "
+                f"{classes} classes"
+            )
+        return [str(n) for n in cfg.data.class_names]
+    names = list(get_layout(cfg.data).class_names)
     return [str(n) for n in names] if len(names) == classes else [str(i) for i in range(classes)]
 
 
@@ -166,6 +178,7 @@ def evaluate(
         raise DeconError(f"unknown split '{split}'; expected one of {', '.join(SPLITS)}")
     checkpoint = resolve_checkpoint(path)
     network, cfg, state = load_segmentation_model(checkpoint)
+    check_finite_state(state["network"], checkpoint)
     if data_root is not None:
         cfg.data.root = str(data_root)
     if num_workers is not None:

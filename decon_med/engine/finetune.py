@@ -58,19 +58,15 @@ from decon_med.data.datasets import build_dataset
 from decon_med.data.layouts import get_layout, num_classes
 from decon_med.data.splits import split_fraction, write_split
 from decon_med.data.stream import PassStream
-from decon_med.engine.checkpoint import save_checkpoint
+from decon_med.engine.checkpoint import check_finite_state, save_checkpoint
 from decon_med.engine.evaluate import class_names, evaluate_network, write_json
 from decon_med.engine.loop import IntervalMeter, TrainingSession, autocast
 from decon_med.engine.model_io import load_segmentation_model, model_part, segmentation_state
 from decon_med.engine.optim import build_optimizer, poly_schedule
-from decon_med.engine.pretrain import (
-    MetricsLogger,
-    RunPaths,
-    prepare_run_folder,
-    seed_everything,
-)
+from decon_med.engine.pretrain import MetricsLogger, RunPaths, seed_everything
+from decon_med.engine.run_folder import prepare_run_folder, resume_is_noop
 from decon_med.engine.transfer import format_report, load_init
-from decon_med.errors import DeconError
+from decon_med.errors import DataError, DeconError, find_error
 from decon_med.models.network import build_network
 
 #: Target value of pixels the cross-entropy loss and the metrics skip.
@@ -137,12 +133,15 @@ def finetune(
         PosixPath('runs/ft/r')
     """
     paths = FinetunePaths(Path(cfg.out_dir))
-    checkpoint = prepare_run_folder(paths, cfg, resume=resume, overwrite=overwrite)
+    if resume_is_noop(paths, cfg, resume=resume, overwrite=overwrite):
+        return paths.root
     _check_micro_batch(cfg)
+    classes = num_classes(cfg.data)
+    class_names(cfg, classes)  # wrong-length data.class_names stop the run before anything is written
+    checkpoint = prepare_run_folder(paths, cfg, resume=resume, overwrite=overwrite)
     all_train = get_layout(cfg.data).items("train")
     subset = split_fraction(all_train, cfg.fraction, cfg.seed)
     dataset = build_dataset(cfg, "train", "train", items=subset)
-    classes = num_classes(cfg.data)
     network, report = _initial_network(cfg, classes, fresh=checkpoint is None)
     run = _Run(cfg, paths, network, classes, dataset, checkpoint, max_iters)
     if distributed.is_main_process():
@@ -312,7 +311,15 @@ class _Run(TrainingSession):
                 self.paths.done.unlink(missing_ok=True)
             self.run_loop(progress)
         if self.step >= self.total and distributed.is_main_process():
-            self._finish(progress)
+            try:
+                self._finish(progress)
+            except Exception as exc:
+                found = find_error(exc)
+                if isinstance(found, DataError):  # training is done; only the test is left to run
+                    raise DataError(
+                        f"{found}; training finished but the test did not: fix or remove the file, then pass --resume"
+                    ) from exc
+                raise
         distributed.barrier()
 
     def _open_logs(self, resumed_step: int | None) -> None:
@@ -325,6 +332,7 @@ class _Run(TrainingSession):
         if self.step % self.cfg.train.val_every != 0 and self.step != self.total:
             return False
         self.check_finite()  # on every rank: it is a collective under torchrun
+        self.check_weights()  # a state with NaN / inf BatchNorm statistics is never scored or kept as best
         if distributed.is_main_process():
             self._validate(logger, self.val_log)
         meter.restart_clock()
@@ -374,6 +382,7 @@ class _Run(TrainingSession):
         start = time.perf_counter()
         selected = self.selected_checkpoint()
         network, _, state = load_segmentation_model(selected)
+        check_finite_state(state["network"], selected)
         network.to(self.device)
         test = evaluate_network(network, self.cfg, "test", self.classes, progress=progress)
         wall_time = self.elapsed + time.perf_counter() - start

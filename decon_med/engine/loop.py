@@ -28,8 +28,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from decon_med import distributed
-from decon_med.engine.checkpoint import capture_rng_state, copy_checkpoint, restore_rng_state, save_checkpoint
-from decon_med.errors import ConfigError, DeconError
+from decon_med.engine.checkpoint import (
+    capture_rng_state,
+    copy_checkpoint,
+    nonfinite_tensors,
+    restore_rng_state,
+    save_checkpoint,
+)
+from decon_med.errors import ConfigError, DataError, DeconError, find_error
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -116,6 +122,7 @@ class TrainingSession:
         if train.compile:
             model = torch.compile(model)
         self.model = model
+        self.module = module
         return model
 
     def micro_batch_context(self, index: int) -> contextlib.AbstractContextManager:
@@ -191,9 +198,30 @@ class TrainingSession:
             last = self.paths.last if self.paths.last.is_file() else "none (no checkpoint was written)"
             raise DeconError(f"non-finite loss at {self.unit} {bad}; the last good checkpoint is {last}")
 
+    def check_weights(self) -> None:
+        """Raise if any parameter or buffer (e.g. BatchNorm running statistics) of the module holds NaN or inf on
+        any process (one host sync); a checkpoint is written or named good only after this check."""
+        state = self.module.state_dict()
+        tensors = [t for t in state.values() if t.is_floating_point()]
+        if not tensors:
+            return
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+        bad = distributed.all_reduce_max((~finite).to(torch.int32).reshape(1))
+        if int(bad.item()) == 0:
+            return
+        names = nonfinite_tensors(state)
+        example = f", e.g. {names[0]}" if names else " on another process"
+        last = self.paths.last if self.paths.last.is_file() else "none (no checkpoint was written)"
+        raise DeconError(
+            f"non-finite weights at {self.unit} {self.step} ({len(names)} tensor(s){example}); "
+            f"the last good checkpoint is {last}; lower train.lr or set train.clip_grad"
+        )
+
     def save(self, numbered: bool) -> None:
-        """Write ``last.ckpt`` (and the numbered checkpoint); never from a non-finite state. Rank 0 writes."""
+        """Write ``last.ckpt`` (and the numbered checkpoint); never from a state whose loss, parameters or buffers
+        are not finite. Rank 0 writes."""
         self.check_finite()
+        self.check_weights()
         state = self._state()
         if distributed.is_main_process():
             if numbered:
@@ -216,7 +244,6 @@ class TrainingSession:
         """Optimiser steps up to ``self.stop``: log every ``log_every``, checkpoint every ``ckpt_every`` and at the end."""
         from decon_med.engine.pretrain import MetricsLogger
 
-        train = self.cfg.train
         main = distributed.is_main_process()
         resumed = self.step if self.saved_step >= 0 else None
         logger = MetricsLogger(self.paths, resumed_step=resumed) if main else None
@@ -234,30 +261,50 @@ class TrainingSession:
         meter = IntervalMeter(self.step)
         session_start, elapsed_before = time.perf_counter(), self.elapsed
         try:
-            while self.step < self.stop:
-                parts, scalars = self._optimizer_step(batches)
-                meter.add(parts)
-                bar.update(1)
-                if self.step % train.log_every == 0 or self.step == self.total:
-                    self.check_finite()
-                    row = self._log_row(meter, scalars)
-                    if logger is not None:
-                        logger.write(row)
-                        self.metrics_rows = logger.rows
-                    bar.set_postfix(self._postfix(row))
-                wants_save = self._after_step(logger, meter)
-                self.elapsed = elapsed_before + time.perf_counter() - session_start
-                if self.step % train.ckpt_every == 0:
-                    self.save(numbered=True)
-                elif wants_save:
-                    self.save(numbered=False)
-            if self.saved_step != self.step:
-                self.save(numbered=False)
+            self._steps(batches, bar, logger, meter, session_start, elapsed_before)
+        except Exception as exc:
+            found = find_error(exc)
+            if isinstance(found, DataError):  # a bad file met mid-run: say how to continue once it is fixed
+                raise DataError(f"{found}; {self.stopped_hint()}") from exc
+            raise
         finally:
             batches.close()
             bar.close()
             if logger is not None:
                 logger.close()
+
+    def stopped_hint(self) -> str:
+        """Where a run stopped by a bad file stands, and how to continue it."""
+        if self.paths.last.is_file():
+            kept = f"its last checkpoint {self.paths.last} is kept"
+        else:
+            kept = "no checkpoint was written yet"
+        return (
+            f"the run stopped at {self.unit} {self.step} ({kept}); fix or remove the file, then pass --resume"
+        )
+
+    def _steps(self, batches, bar, logger, meter, session_start: float, elapsed_before: float) -> None:
+        """The steps of :meth:`run_loop`: log, validate (subclass hook), checkpoint."""
+        train = self.cfg.train
+        while self.step < self.stop:
+            parts, scalars = self._optimizer_step(batches)
+            meter.add(parts)
+            bar.update(1)
+            if self.step % train.log_every == 0 or self.step == self.total:
+                self.check_finite()
+                row = self._log_row(meter, scalars)
+                if logger is not None:
+                    logger.write(row)
+                    self.metrics_rows = logger.rows
+                bar.set_postfix(self._postfix(row))
+            wants_save = self._after_step(logger, meter)
+            self.elapsed = elapsed_before + time.perf_counter() - session_start
+            if self.step % train.ckpt_every == 0:
+                self.save(numbered=True)
+            elif wants_save:
+                self.save(numbered=False)
+        if self.saved_step != self.step:
+            self.save(numbered=False)
 
     # -- hooks -------------------------------------------------------------------------------------------------------
     def _open_logs(self, resumed_step: int | None) -> None:

@@ -10,9 +10,13 @@ Outputs mirror the input's path relative to the input folder (a single file keep
     <out>/<rel>/<stem>_overlay.png     2D image with --overlay: the image blended with one colour per class
     <out>/<rel>/<stem>_seg.nii.gz      NIfTI: uint8 label volume, input shape, original affine and header
 
-A volume is normalised per volume as in training (``data.modality``, ``clip_percentiles`` / ``ct_window``) and
-cut into 2D slices along ``data.slice_axis`` (a volume one slice thick along another axis is that one slice);
-every slice is predicted, none is skipped. A 4D NIfTI is predicted on its first volume and gives a 3D labels file.
+A volume goes through exactly the training geometry and intensity steps (:func:`~decon_med.data.volumes.volume_slices`):
+reoriented to RAS, intensities per file (``data.modality``, CT windows, MR percentile / z-score), cut into 2D
+slices along ``data.slice_axis`` (a volume one slice thick along another axis is that one slice) resampled to
+square pixels; every slice is predicted, none is skipped. The label slices then go back the same way
+(:func:`~decon_med.data.volumes.labels_to_volume`): resampled to the canonical grid, stacked and reoriented to the
+file's stored voxel order, so the labels file has the input's shape, orientation, affine and header. A 4D NIfTI
+needs ``data.channels`` (the volumes used in training) and gives a 3D labels file.
 
 Example:
     >>> summary = predict("runs/finetune/isic", "data/new_images", "pred/isic", overlay=True)
@@ -41,8 +45,9 @@ from decon_med.config import FinetuneConfig
 from decon_med.data.io import file_stem, is_image, is_nifti, read_image
 from decon_med.data.layouts import slice_options
 from decon_med.data.transforms import SegEvalTransform
-from decon_med.data.volumes import normalise_intensity, read_volume, slice_axis, stack_slices, write_volume
-from decon_med.engine.model_io import load_segmentation_model
+from decon_med.data.volumes import labels_to_volume, volume_slices, write_volume
+from decon_med.engine.checkpoint import check_finite_state
+from decon_med.engine.model_io import load_segmentation_model, resolve_checkpoint
 from decon_med.errors import DataError, DeconError
 
 #: Overlay colour of each class index (RGB); index 0 (background) is left transparent. Cycled past the end.
@@ -65,7 +70,7 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 OVERLAY_ALPHA = 0.5
 
 #: Most skipped files listed in the error raised when nothing could be predicted.
-MAX_LISTED = 10
+MAX_LISTED = 3
 
 
 class Predictor:
@@ -127,12 +132,10 @@ class Predictor:
             masks.extend(self.label_maps([self.preprocess(image) for image in chunk]))
         return masks
 
-    def predict_volume(self, volume: np.ndarray) -> np.ndarray:
-        """uint8 label volume of the shape of a 3D ``volume`` (raw intensities, as from ``read_volume``)."""
-        volume01 = normalise_intensity(volume, self.slice_opts)
-        axis = slice_axis(volume01.shape, self.slice_opts.axis)
-        slices = (volume01.take(k, axis=axis)[:, :, None] for k in range(volume01.shape[axis]))
-        return stack_slices(self.predict_images(slices), axis)
+    def predict_volume(self, path: str | os.PathLike) -> np.ndarray:
+        """uint8 labels of a NIfTI file on its stored voxel grid (stored shape and orientation, same affine)."""
+        slices = volume_slices(path, self.slice_opts)
+        return labels_to_volume(self.predict_images(slices.images), slices).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -246,8 +249,7 @@ def _write_mask(item: _Input, mask: np.ndarray, overlay: bool) -> dict[str, str]
 
 
 def _predict_nifti(predictor: Predictor, item: _Input) -> dict[str, str]:
-    volume, _ = read_volume(item.path)
-    labels = predictor.predict_volume(volume)
+    labels = predictor.predict_volume(item.path)
     shape = nib.load(item.path).shape
     if len(shape) == 2:  # a 2D NIfTI was read as (X, Y, 1)
         labels = labels.reshape(shape)
@@ -256,10 +258,9 @@ def _predict_nifti(predictor: Predictor, item: _Input) -> dict[str, str]:
 
 
 def _nothing_predicted(inputs: Path, skipped: list[dict[str, str]]) -> DeconError:
-    lines = [f"  {s['path']}: {s['reason']}" for s in skipped[:MAX_LISTED]]
-    if len(skipped) > MAX_LISTED:
-        lines.append(f"  ... and {len(skipped) - MAX_LISTED} more")
-    return DeconError(f"{inputs}: no input could be predicted\n" + "\n".join(lines))
+    reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:MAX_LISTED])
+    more = f"; and {len(skipped) - MAX_LISTED} more" if len(skipped) > MAX_LISTED else ""
+    return DeconError(f"{inputs}: none of {len(skipped)} input(s) could be predicted ({reasons}{more})")
 
 
 def predict(
@@ -299,7 +300,8 @@ def predict(
     inputs, out = Path(inputs), Path(out_dir)
     files = list_inputs(inputs, exclude=out)
     _prepare_out(out, overwrite)
-    network, cfg, _ = load_segmentation_model(checkpoint)
+    network, cfg, state = load_segmentation_model(checkpoint)
+    check_finite_state(state["network"], resolve_checkpoint(checkpoint))
     predictor = Predictor(network, cfg, batch_size=batch_size)
     planned, skipped = _plan(files, inputs, out)
     out.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import csv
 import json
 import random
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -42,29 +41,27 @@ import numpy as np
 import torch
 from monai.data import DataLoader
 from torch import nn
+from tqdm.auto import tqdm
 
 from decon_med import distributed
-from decon_med.config import PretrainConfig, flatten, save_config, to_dict
+from decon_med.config import PretrainConfig, save_config, to_dict
 from decon_med.data.datasets import build_dataset
 from decon_med.data.stream import EpochPositions, PassStream
-from decon_med.engine.checkpoint import (
-    load_checkpoint,
-)
 from decon_med.engine.loop import IntervalMeter, TrainingSession, autocast, check_world_size
 from decon_med.engine.optim import build_optimizer, cosine_schedule, scaled_lr
+from decon_med.engine.probe import OnlineProbe, ProbeLog
+from decon_med.engine.run_folder import (  # noqa: F401  (check_resumable, RESUMABLE_KEYS: public here too)
+    RESUMABLE_KEYS,
+    check_resumable,
+    prepare_run_folder,
+    resume_is_noop,
+)
 from decon_med.errors import DeconError
+from decon_med.models.network import set_checkpointing
+from decon_med.ssl.health import ENTROPY_SIGNAL, STD_SIGNAL, HealthWatchdog
 
 if TYPE_CHECKING:
     from decon_med.ssl.base import SSLMethod
-
-#: Config keys that may differ when a run is resumed (they do not change what is computed).
-RESUMABLE_KEYS: tuple[str, ...] = (
-    "train.epochs",
-    "out_dir",
-    "data.num_workers",
-    "train.keep_checkpoints",
-    "train.prune_finished",
-)
 
 #: Autocast dtype of each ``train.amp`` setting other than ``none``.
 
@@ -112,10 +109,6 @@ class RunPaths:
         if not self.checkpoints.is_dir():
             return []
         return sorted(self.checkpoints.glob("step_*.ckpt"))
-
-    def looks_like_run(self) -> bool:
-        """True when the folder holds any file a run writes."""
-        return any(p.exists() for p in (self.config, self.metrics, self.last, self.done, self.checkpoints))
 
 
 @dataclass(frozen=True)
@@ -166,6 +159,8 @@ def pretrain(
         PosixPath('runs/s')
     """
     paths = RunPaths(Path(cfg.out_dir))
+    if resume_is_noop(paths, cfg, resume=resume, overwrite=overwrite):
+        return paths.root
     checkpoint = prepare_run_folder(paths, cfg, resume=resume, overwrite=overwrite)
     dataset = build_dataset(cfg, "train", "pretrain")
     plan = make_plan(cfg, len(dataset), max_steps)
@@ -184,87 +179,6 @@ def pretrain(
         save_config(cfg, paths.config)
     run.train(progress)
     return paths.root
-
-
-def prepare_run_folder(
-    paths: RunPaths, cfg: PretrainConfig, resume: bool, overwrite: bool
-) -> dict[str, Any] | None:
-    """Check what ``paths.root`` holds against the flags; returns the checkpoint to resume from, if any.
-
-    Under torchrun every process checks, then rank 0 alone empties the folder for ``overwrite``.
-
-    Raises:
-        DeconError: see :func:`pretrain`.
-    """
-    checkpoint = _check_run_folder(paths, cfg, resume=resume, overwrite=overwrite)
-    distributed.barrier()  # every process has looked before rank 0 changes anything
-    if overwrite and distributed.is_main_process() and paths.root.is_dir():
-        _empty_folder(paths.root)
-    distributed.barrier()
-    return checkpoint
-
-
-def _check_run_folder(
-    paths: RunPaths, cfg: PretrainConfig, resume: bool, overwrite: bool
-) -> dict[str, Any] | None:
-    root = paths.root
-    if resume and overwrite:
-        raise DeconError("pass either --resume or --overwrite, not both")
-    if root.exists() and not root.is_dir():
-        raise DeconError(f"{root}: exists and is not a folder")
-    occupied = root.is_dir() and any(root.iterdir())
-    if occupied and not paths.looks_like_run():
-        raise DeconError(f"{root}: folder is not empty and holds no run; choose another out_dir")
-    if overwrite:
-        return None
-    if resume:
-        pruned = (
-            f"{root}: finished run kept only its selected weights (train.prune_finished); nothing to resume"
-        )
-        if not paths.last.is_file():
-            was_pruned = paths.done.is_file() and cfg.train.prune_finished
-            raise DeconError(pruned if was_pruned else f"{root}: no last.ckpt to resume from")
-        checkpoint = load_checkpoint(paths.last)
-        if "optimizer" not in checkpoint:
-            raise DeconError(pruned)
-        check_resumable(checkpoint["config"], to_dict(cfg), root, defaults=to_dict(type(cfg)()))
-        return checkpoint
-    if paths.done.is_file():
-        raise DeconError(f"{root}: finished run exists; pass --overwrite to replace it")
-    if occupied:
-        raise DeconError(
-            f"{root}: unfinished run exists; pass --resume to continue it or --overwrite to replace it"
-        )
-    return None
-
-
-def check_resumable(
-    saved: dict[str, Any], new: dict[str, Any], root: Path, defaults: dict[str, Any] | None = None
-) -> None:
-    """Raise a DeconError naming every config key that differs (except :data:`RESUMABLE_KEYS`).
-
-    ``train.epochs`` may only grow. A key the saved config does not hold (a run written before the key existed) is
-    no difference when the new config leaves it at its value in ``defaults``.
-    """
-    old_flat, new_flat = flatten(saved), flatten(new)
-    default_flat = flatten(defaults) if defaults is not None else {}
-
-    def differs(key: str) -> bool:
-        if key in RESUMABLE_KEYS:
-            return False
-        if key not in old_flat and key in default_flat and new_flat.get(key) == default_flat[key]:
-            return False
-        return old_flat.get(key) != new_flat.get(key)
-
-    differing = sorted(key for key in old_flat.keys() | new_flat.keys() if differs(key))
-    if differing:
-        details = ", ".join(f"{k} ({old_flat.get(k)!r} -> {new_flat.get(k)!r})" for k in differing)
-        raise DeconError(f"{root}: cannot resume, the config differs from the saved run in {details}")
-    old_epochs, new_epochs = old_flat["train.epochs"], new_flat["train.epochs"]
-    if new_epochs < old_epochs:
-        raise DeconError(
-            f"{root}: cannot resume, train.epochs may only be extended (saved {old_epochs}, given {new_epochs})"
-        )
 
 
 def make_plan(cfg: PretrainConfig, dataset_size: int, max_steps: int | None = None) -> Plan:
@@ -305,6 +219,7 @@ class _Run(TrainingSession):
         self.device = distributed.device()
         train = cfg.train
         self.method = method.to(self.device)
+        set_checkpointing(self.method.network, train.checkpointing)  # student only; the teacher runs no_grad
         if train.channels_last:
             self.method.to(memory_format=torch.channels_last)
         self.method.train()
@@ -385,8 +300,11 @@ class _Run(TrainingSession):
         """
         train = self.cfg.train
         parts: dict[str, torch.Tensor] = {}
+        # Health signals are computed (no gradient) in the last micro-batch of a step that is logged.
+        logged = (self.step + 1) % train.log_every == 0 or self.step + 1 == self.plan.total_steps
         for index in range(train.accum_steps):
             batch = self._to_device(next(batches))
+            self.method.record_health = logged and index == train.accum_steps - 1
             with self.micro_batch_context(index):
                 with autocast(self.device, train.amp):
                     out = self.model(batch)
@@ -394,6 +312,8 @@ class _Run(TrainingSession):
             for key, value in out.items():
                 share = value.detach().float() / train.accum_steps
                 parts[key] = parts[key] + share if key in parts else share
+        self.method.record_health = False
+        self.health = self.method.health() if logged else {}
         lr = self.update()
         extra = self.method.after_step(self.step, self.plan.total_steps)
         self.advance(parts["loss"])
@@ -415,7 +335,67 @@ class _Run(TrainingSession):
         means = {"loss": means.pop("loss"), **means}
         img_s = steps * self.cfg.train.batch_size * distributed.world_size() / max(seconds, 1e-9)
         scalars = {key: float(value) for key, value in extra.items()}
-        return {"step": self.step, "epoch": epoch, **means, **scalars, "img_s": img_s}
+        health = self._collect_health()
+        return {"step": self.step, "epoch": epoch, **means, **scalars, **health, "img_s": img_s}
+
+    # -- health signals and the online probe (logging only) ---------------------------------------------------------
+    def _collect_health(self) -> dict[str, float]:
+        """The method's health signals of this log step (means over processes) and the watchdog's warnings."""
+        health = getattr(self, "health", {})
+        if not health:
+            return {}
+        keys = list(health)
+        values = distributed.all_reduce_mean(torch.stack([health[k].float() for k in keys])).tolist()
+        signals = dict(zip(keys, values, strict=True))
+        if distributed.is_main_process():
+            for message in self.watchdog.update(self.step, signals):
+                tqdm.write(message, file=sys.stderr)
+        return signals
+
+    def _open_logs(self, resumed_step: int | None) -> None:
+        self.watchdog = HealthWatchdog(self.cfg.train.health_patience)
+        self.probe: OnlineProbe | None = None
+        self.probe_scores: dict[str, float] = {}
+        self.pending_probe: list[tuple[int, dict[str, float]]] = []
+        if self.cfg.probe.root is not None and distributed.is_main_process():
+            self.probe = OnlineProbe(self.cfg, self.device)
+            self.probe_log = ProbeLog(self.paths.root / "probe.csv", resumed_step)
+            if resumed_step is None:
+                self._run_probe(None)  # the untrained network: the baseline the later probes are read against
+
+    def _after_step(self, logger: MetricsLogger | None, meter: IntervalMeter) -> bool:
+        """The online probe every ``probe.every`` steps and at the end of the session (rank 0; the others wait
+        at the next gradient synchronisation); its time is left out of the throughput."""
+        if self.probe is not None and (self.step % self.cfg.probe.every == 0 or self.step == self.stop):
+            self._run_probe(logger)
+            meter.restart_clock()
+        return False
+
+    def _run_probe(self, logger: MetricsLogger | None) -> None:
+        network = getattr(self.method, self.method.export_prefix.rstrip("."))
+        self.probe_scores = self.probe(network)
+        self.probe_log.write(self.step, self.probe_scores)
+        self.pending_probe.append((self.step, self.probe_scores))
+        if logger is not None:
+            for step, scores in self.pending_probe:
+                for key in ("enc_mIoU", "dec_mIoU"):
+                    logger.tb.add_scalar(f"probe/{key}", scores[key], step)
+            self.pending_probe = []
+
+    def _postfix(self, row: dict[str, float]) -> dict[str, str]:
+        """Loss, the weakest level's spread (``std``, min of ``*_z_std``) and the most uniform teacher assignment
+        (``ent``, max of ``*_entropy``), the latest probe mIoU (decoder / encoder), throughput."""
+        post = {"loss": f"{row['loss']:.4f}"}
+        stds = [v for k, v in row.items() if k.endswith(f"_{STD_SIGNAL}")]
+        entropies = [v for k, v in row.items() if k.endswith(f"_{ENTROPY_SIGNAL}")]
+        if stds:
+            post["std"] = f"{min(stds):.2f}"
+        if entropies:
+            post["ent"] = f"{max(entropies):.2f}"
+        if self.probe_scores:
+            post["probe"] = f"{self.probe_scores['dec_mIoU']:.2f}/{self.probe_scores['enc_mIoU']:.2f}"
+        post["img_s"] = f"{row['img_s']:.1f}"
+        return post
 
     def _finish(self) -> None:
         images = self.step * self.cfg.train.batch_size * distributed.world_size()
@@ -507,11 +487,3 @@ def network_meta(cfg: PretrainConfig, method: SSLMethod) -> dict[str, Any]:
         "classes": convs[-1].out_channels if convs else 1,
         "state_prefix": method.export_prefix,
     }
-
-
-def _empty_folder(folder: Path) -> None:
-    for child in folder.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()

@@ -4,6 +4,9 @@
 fine-tuning decoder written as an smp ``SegmentationModel`` so it saves and loads the same way.
 ``features(network, x, skip_dropout)`` returns every encoder level and every decoder level; the decoder levels are
 collected with forward hooks on smp's own decoder blocks, so smp's forward code runs unchanged.
+``set_checkpointing(network, mode)`` recomputes the encoder stages and / or U-Net decoder blocks in the backward pass
+instead of keeping their activations (``train.checkpointing``); losses, gradients and BatchNorm statistics are
+unchanged bit for bit.
 
 Example:
     >>> net = build_network(ModelConfig(arch="unet", encoder="resnet18"), in_channels=3, classes=2)
@@ -14,15 +17,21 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
 import torch
+import torch.utils.checkpoint
 from segmentation_models_pytorch.base import SegmentationHead, SegmentationModel
 from segmentation_models_pytorch.encoders import get_encoder
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from decon_med.config import ModelConfig
+from decon_med.config import Checkpointing, ModelConfig
 from decon_med.errors import ConfigError
 
 
@@ -204,3 +213,93 @@ def level_channels(net: SegmentationModel, in_channels: int = 3) -> tuple[list[i
     finally:
         net.train(was_training)
     return [f.shape[1] for f in enc], [f.shape[1] for f in dec]
+
+
+#: Called with the tensor arguments of every checkpointed call that builds a graph: a checkpoint keeps its inputs
+#: outside autograd's saved tensors, so the cost report (``decon_med.cost``) counts them through this list.
+CHECKPOINT_INPUT_OBSERVERS: list[Callable[[tuple], None]] = []
+
+
+def checkpointed_modules(net: SegmentationModel, mode: Checkpointing) -> list[nn.Module]:
+    """The modules that ``mode`` recomputes in the backward pass: the encoder stages (``layer1`` ... ``layer4`` of
+    a ResNet-style encoder) for ``encoder`` / ``all``, the U-Net decoder blocks for ``decoder`` / ``all``.
+
+    Raises:
+        ConfigError: the encoder has no ResNet-style stages, or the decoder is not a U-Net's.
+    """
+    modules: list[nn.Module] = []
+    if mode in ("encoder", "all"):
+        stages = [getattr(net.encoder, f"layer{i}", None) for i in range(1, 5)]
+        if any(stage is None for stage in stages):
+            raise ConfigError(
+                f"config key 'train.checkpointing': {mode} needs a ResNet-style encoder (layer1 ... layer4); "
+                f"{type(net.encoder).__name__} has none"
+            )
+        modules += stages
+    if mode in ("decoder", "all"):
+        if not isinstance(net, smp.Unet):
+            raise ConfigError(
+                f"config key 'train.checkpointing': {mode} checkpoints U-Net decoder blocks; "
+                f"{type(net).__name__} is not a U-Net (use encoder or none)"
+            )
+        modules += list(net.decoder.blocks)
+    return modules
+
+
+def set_checkpointing(net: SegmentationModel, mode: Checkpointing) -> None:
+    """Recompute the modules of :func:`checkpointed_modules` in the backward pass instead of keeping their
+    activations (``torch.utils.checkpoint``, non-reentrant); ``none`` switches it off again.
+
+    Only calls that build a graph are checkpointed (a teacher or an evaluation under ``no_grad`` runs plainly).
+    The recomputation restores the RNG state (dropout is redrawn identically) and leaves BatchNorm running
+    statistics as the forward pass left them, so loss, gradients and statistics equal the run without it. The
+    state dict is unchanged; ``net.checkpointing`` records the mode.
+
+    Example:
+        >>> net = build_network(ModelConfig(arch="unet", encoder="resnet18"))
+        >>> set_checkpointing(net, "all")     # encoder stages and decoder blocks
+    """
+    for module in net.modules():
+        if getattr(module.__dict__.get("forward"), "__func__", None) is _checkpointed_forward:
+            del module.forward
+    if mode != "none":
+        for module in checkpointed_modules(net, mode):
+            # a bound method (not a closure), so a deep copy of the network (the EMA teacher) binds its own copy
+            module.forward = types.MethodType(_checkpointed_forward, module)
+    net.checkpointing = mode
+
+
+def _checkpointed_forward(self: nn.Module, *args, **kwargs):
+    plain = type(self).forward
+    if not torch.is_grad_enabled():
+        return plain(self, *args, **kwargs)
+    for observer in CHECKPOINT_INPUT_OBSERVERS:
+        observer(args)
+    return torch.utils.checkpoint.checkpoint(
+        plain,
+        self,
+        *args,
+        use_reentrant=False,
+        context_fn=functools.partial(_recompute_contexts, self),
+        **kwargs,
+    )
+
+
+def _recompute_contexts(module: nn.Module) -> tuple[contextlib.AbstractContextManager, ...]:
+    return contextlib.nullcontext(), _keep_running_stats(module)
+
+
+@contextlib.contextmanager
+def _keep_running_stats(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers in train mode update their running statistics on every call; the recomputation is a
+    second call of the same batch, so the statistics the forward pass left are put back after it."""
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    kept = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, kept, strict=True):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)

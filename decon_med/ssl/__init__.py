@@ -17,6 +17,12 @@ from decon_med.ssl.densecl import DenseCLHead
 from decon_med.ssl.slotcon import SlotConHead
 
 
+def _hidden_width(cfg: PretrainConfig, is_decoder: bool) -> int:
+    """``ssl.dim_hidden``, or ``ssl.dim_hidden_dec`` for a decoder level's head when it is set."""
+    s = cfg.ssl
+    return s.dim_hidden_dec if is_decoder and s.dim_hidden_dec is not None else s.dim_hidden
+
+
 def _slotcon_heads(cfg: PretrainConfig) -> HeadFactory:
     s = cfg.ssl
 
@@ -24,7 +30,7 @@ def _slotcon_heads(cfg: PretrainConfig) -> HeadFactory:
         return SlotConHead(
             in_channels,
             num_prototypes=s.num_prototypes_dec if is_decoder else s.num_prototypes,
-            dim_hidden=s.dim_hidden,
+            dim_hidden=_hidden_width(cfg, is_decoder),
             dim_out=s.dim_out,
             teacher_temp=s.teacher_temp,
             student_temp=s.student_temp,
@@ -42,7 +48,7 @@ def _densecl_heads(cfg: PretrainConfig) -> HeadFactory:
     def factory(in_channels: int, is_decoder: bool) -> DenseCLHead:
         return DenseCLHead(
             in_channels,
-            dim_hidden=s.dim_hidden,
+            dim_hidden=_hidden_width(cfg, is_decoder),
             dim_out=s.dim_out,
             queue_size=s.queue_size,
             temperature=s.contrast_temp,

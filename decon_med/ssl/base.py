@@ -21,6 +21,10 @@ class SSLMethod(nn.Module):
     - ``trainable_parameters()``: named parameters the optimiser updates (the teacher's are excluded);
     - ``check_data(images_per_epoch) -> list[str]``: warnings printed before training (e.g. a queue larger
       than the dataset).
+    - ``record_health`` / ``health() -> dict``: the engine sets ``record_health = True`` for the forward pass of
+      a log step; the method then also computes its health signals (no gradient, see
+      :mod:`decon_med.ssl.health`) and ``health()`` returns them as named 0-dim tensors, the same names every
+      time (``metrics.csv`` columns are fixed by its first row).
 
     Example:
         >>> method = build_method(cfg)            # decon_med.ssl.build_method
@@ -33,10 +37,17 @@ class SSLMethod(nn.Module):
     #: method with an EMA teacher that its reference transfers, ``"teacher."``.
     export_prefix: str = "network."
 
+    #: Set by the engine around the forward pass of a log step: compute the health signals too.
+    record_health: bool = False
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def after_step(self, step: int, total_steps: int) -> dict[str, float]:
+        return {}
+
+    def health(self) -> dict[str, torch.Tensor]:
+        """Health signals of the last forward pass run with ``record_health`` (empty when the method has none)."""
         return {}
 
     def check_data(self, images_per_epoch: int) -> list[str]:

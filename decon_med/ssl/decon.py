@@ -128,21 +128,35 @@ class DeCon(SSLMethod):
 
         out: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=views[0].device)
+        self._health = {}
+        for head in (self.enc_head, *self.dec_heads):
+            head.record_health = self.record_health
         if self.alpha > 0:
             enc = self.enc_head(*maps(0, -1), *geometry)
             loss = loss + self.alpha * enc["loss"]
             out.update(_parts("enc", enc))
+            self._collect_health("enc", self.enc_head)
         if decoder:
             level_losses = []
             for level, head in zip(self.levels, self.dec_heads, strict=True):
                 dec = head(*(None if m is None else self._pool(m) for m in maps(1, level)), *geometry)
                 level_losses.append(dec["loss"])
                 out.update(_parts(f"dec{level}", dec))
+                self._collect_health(f"dec{level}", head)
             dec_loss = torch.stack(level_losses).mean()
             loss = loss + (1.0 - self.alpha) * dec_loss
             out["dec"] = dec_loss.detach()
         out["loss"] = loss
         return out
+
+    def health(self) -> dict[str, torch.Tensor]:
+        """The health signals of every level that computed a loss in the last recorded forward pass, named
+        ``<level>_<signal>`` (``enc_z_std``, ``dec3_entropy``, ...; see :mod:`decon_med.ssl.health`)."""
+        return dict(getattr(self, "_health", {}))
+
+    def _collect_health(self, prefix: str, head: nn.Module) -> None:
+        if self.record_health:
+            self._health.update({f"{prefix}_{k}": v for k, v in getattr(head, "last_health", {}).items()})
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> dict[str, float]:

@@ -33,6 +33,7 @@ from torch import nn
 from decon_med.distributed import all_gather_no_grad
 from decon_med.ssl.base import full_precision
 from decon_med.ssl.ema import frozen_copy, update_momentum
+from decon_med.ssl.health import embedding_std
 
 
 class DenseCLHead(nn.Module):
@@ -50,6 +51,9 @@ class DenseCLHead(nn.Module):
 
     #: The head uses the student (query) map of view 1 and the teacher (key) map of view 2 only.
     symmetric = False
+    #: Set by the owning method for a log step's forward pass: fill ``last_health`` (see
+    #: :mod:`decon_med.ssl.health`: ``z_std``, ``pos_sim``, ``neg_sim`` of the dense head).
+    record_health = False
 
     def __init__(
         self,
@@ -90,6 +94,7 @@ class DenseCLHead(nn.Module):
         self.register_buffer("ptr_global", torch.zeros((), dtype=torch.long))
         self.register_buffer("ptr_dense", torch.zeros((), dtype=torch.long))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.last_health: dict[str, torch.Tensor] = {}
 
     @property
     def loss_lambda(self) -> torch.Tensor:
@@ -128,6 +133,8 @@ class DenseCLHead(nn.Module):
         dense_loss = info_nce(queries, keys, self.queue_dense, self.temperature)
         lam = self.loss_lambda
         loss = (1.0 - lam) * global_loss + lam * dense_loss
+        if self.record_health:  # before the queue takes this batch's keys
+            self.last_health = _contrast_health(queries, keys, self.queue_dense)
         if self.training:
             enqueue(self.queue_global, self.ptr_global, all_gather_no_grad(k_global))
             enqueue(self.queue_dense, self.ptr_dense, all_gather_no_grad(k_pooled))
@@ -155,6 +162,20 @@ class DenseCLHead(nn.Module):
         update_momentum(self.global_head, self.global_head_t, momentum)
         update_momentum(self.dense_head, self.dense_head_t, momentum)
         self.steps_done += 1
+
+
+@torch.no_grad()
+def _contrast_health(
+    queries: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Spread of the queries and their mean cosine similarity to the positives and to the queue's negatives (the
+    mean over all negatives is the similarity to the queue's mean vector, so no (N, K) product is formed)."""
+    queries = queries.detach().float()
+    return {
+        "z_std": embedding_std(queries),
+        "pos_sim": (queries * keys.detach().float()).sum(dim=1).mean(),
+        "neg_sim": (queries @ queue.float().mean(dim=1)).mean(),
+    }
 
 
 def match_locations(query_maps: torch.Tensor, key_maps: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from decon_med.config import MaskFill, PretrainConfig
 from decon_med.errors import ConfigError
 from decon_med.models.network import build_network
 from decon_med.ssl.base import SSLMethod
+from decon_med.ssl.health import embedding_std
 
 
 class MaskedImageModeling(SSLMethod):
@@ -69,9 +70,18 @@ class MaskedImageModeling(SSLMethod):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         image = batch["view1"]
         mask = self.random_mask(image)
-        pred = self.reconstruct(self.fill(image, mask))
+        decoded = self.network.decoder(self.network.encoder(self.fill(image, mask)))
+        pred = self._to_pixels(decoded)
         loss = masked_mse(pred.float(), image.float(), mask, self.mask_patch, self.norm_pix_loss)
+        if self.record_health:
+            # No projector: the spread of the decoder output that the reconstruction head reads (a decoder that
+            # maps every pixel to one vector reads 0).
+            self._health = {"dec_z_std": embedding_std(decoded)}
         return {"loss": loss, "masked_fraction": mask.float().mean().detach()}
+
+    def health(self) -> dict[str, torch.Tensor]:
+        """``dec_z_std``: per-channel std of the L2-normalised decoder output times sqrt(channels)."""
+        return dict(getattr(self, "_health", {}))
 
     def random_mask(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) bool, True on masked pixels: exactly ``round(mask_ratio * patches)`` patches per image."""
@@ -95,7 +105,10 @@ class MaskedImageModeling(SSLMethod):
 
     def reconstruct(self, image: torch.Tensor) -> torch.Tensor:
         """Predicted pixels (B, C, H, W) from the decoder output through the 1x1 head."""
-        out = self.head(self.network.decoder(self.network.encoder(image)))
+        return self._to_pixels(self.network.decoder(self.network.encoder(image)))
+
+    def _to_pixels(self, decoded: torch.Tensor) -> torch.Tensor:
+        out = self.head(decoded)
         return F.pixel_shuffle(out, self.upscale) if self.upscale > 1 else out
 
 

@@ -29,6 +29,7 @@ from decon_med.distributed import all_gather_no_grad, all_reduce_mean, all_reduc
 from decon_med.models.heads import MLP, MLP2d, SemanticGrouping
 from decon_med.ssl.base import full_precision
 from decon_med.ssl.ema import frozen_copy, update_momentum
+from decon_med.ssl.health import assignment_health, embedding_std
 
 
 def align_to_overlap(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
@@ -65,6 +66,9 @@ class SlotConHead(nn.Module):
 
     #: The loss is symmetrised: student and teacher maps of both views are used.
     symmetric = True
+    #: Set by the owning method for a log step's forward pass: fill ``last_health`` (see
+    #: :mod:`decon_med.ssl.health`: ``z_std``, ``protos``, ``entropy``, ``center``).
+    record_health = False
 
     def __init__(
         self,
@@ -94,6 +98,7 @@ class SlotConHead(nn.Module):
         self.projector_t = frozen_copy(self.projector)
         self.grouping_t = frozen_copy(self.grouping)
         self.register_buffer("center", torch.zeros(1, num_prototypes))
+        self.last_health: dict[str, torch.Tensor] = {}
 
     def forward(
         self,
@@ -107,7 +112,8 @@ class SlotConHead(nn.Module):
         flip2: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """Loss of one level from student maps ``s1, s2`` and teacher maps ``t1, t2`` of the two views."""
-        q1, score_q1 = self.grouping(self.projector(s1))
+        z1 = self.projector(s1)
+        q1, score_q1 = self.grouping(z1)
         q2, score_q2 = self.grouping(self.projector(s2))
         with torch.no_grad():
             k1, score_k1 = self.grouping_t(self.projector_t(t1))
@@ -121,6 +127,12 @@ class SlotConHead(nn.Module):
         slot = self._slot_contrast(q1, k2, score_q1, score_k2) + self._slot_contrast(
             q2, k1, score_q2, score_k1
         )
+        if self.record_health:  # before the centre moves: the centre this step's loss used
+            teacher_scores = torch.cat([score_k1, score_k2])
+            self.last_health = {
+                "z_std": embedding_std(z1),
+                **assignment_health(teacher_scores, self.center, self.teacher_temp),
+            }
         if self.training:
             self._update_center(torch.cat([score_k1, score_k2]))
         w = self.group_loss_weight

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from decon_med.data.synthetic import SYNTH_KINDS, make_folder, make_isic, make_nifti, make_refuge, synthesize
+from decon_med.errors import DeconError
 
 REFUGE_TRAIN_MASKS = "Annotation-Training400/Disc_Cup_Masks"
 
@@ -305,9 +306,22 @@ def test_overwrite_protection(tmp_path, kind):
     synthesize(kind, out, n=3)
     with pytest.raises(FileExistsError):
         synthesize(kind, out, n=3)
-    (out / "stale.txt").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DeconError, match=r"did not write \(notes\.txt\)"):
+        synthesize(kind, out, n=3, seed=1, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    first = sorted(p.name for p in out.iterdir())
     synthesize(kind, out, n=3, seed=1, overwrite=True)
-    assert not (out / "stale.txt").exists()
+    assert ".decon-synth" in first and sorted(p.name for p in out.iterdir()) == first
+
+
+def test_overwrite_never_empties_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    synthesize("folder", ".", n=4)
+    with pytest.raises(DeconError, match="current folder"):
+        synthesize("folder", ".", n=4, overwrite=True)
+    assert (tmp_path / "splits.json").is_file()
 
 
 def test_existing_empty_folder_is_fine(tmp_path):

@@ -1,4 +1,8 @@
-"""NIfTI volumes: reading, normalisation, slice selection, slice loading and writing back."""
+"""NIfTI volumes: reading, normalisation, slice selection, slice loading and writing back.
+
+Most tests here slice in stored voxel order (``STORED``); canonical orientation and square pixels are tested in
+test_geometry.py.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +37,9 @@ AFFINE = np.array(
         [0.0, 0.0, 0.0, 1.0],
     ]
 )
-ALL = SliceOptions(min_foreground=0.0)
+#: Stored voxel order, no resampling.
+STORED = {"orientation": "none", "spacing": 0}
+ALL = SliceOptions(min_foreground=0.0, **STORED)
 
 
 def save(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
@@ -58,7 +64,14 @@ def test_names():
 
 
 def test_options_are_validated():
-    for bad in ({"axis": 3}, {"modality": "pet"}, {"channels": 2}, {"clip_percentiles": (99.0, 1.0)}):
+    for bad in (
+        {"axis": 3},
+        {"modality": "pet"},
+        {"channels": 0},
+        {"orientation": "LPS"},
+        {"ct_window": ((40.0, -1.0),)},
+        {"clip_percentiles": (99.0, 1.0)},
+    ):
         with pytest.raises(ValueError):
             SliceOptions(**bad)
 
@@ -76,13 +89,22 @@ def test_2d_and_4d_volumes(tmp_path: Path):
     image = random_volume(shape=(20, 24))
     volume, _ = read_volume(save(tmp_path / "flat.nii", image))
     assert volume.shape == (20, 24, 1)
-    items = scan_volume(tmp_path / "flat.nii", SliceOptions(axis=0, min_foreground=0.0))
+    items = scan_volume(tmp_path / "flat.nii", SliceOptions(axis=0, min_foreground=0.0, **STORED))
     assert [(it["axis"], it["slice"]) for it in items] == [(2, 0)]
     assert load_slice(items[0], ALL).shape == (20, 24, 1)
 
     stack = np.stack([random_volume(1), random_volume(2)], axis=-1)
-    volume, _ = read_volume(save(tmp_path / "series.nii.gz", stack))
-    np.testing.assert_allclose(volume, stack[..., 0])
+    path = save(tmp_path / "series.nii.gz", stack)
+    with pytest.raises(DataError, match=r"series.nii.gz: 4D image with 2 volumes; set data.channels"):
+        read_volume(path)
+    with pytest.raises(DataError, match="series.nii.gz: 4D image"):
+        scan_volume(path, ALL)
+    volume, _ = read_volume(path, channels=[1])
+    np.testing.assert_allclose(volume, stack[..., 1:])
+    items = scan_volume(path, SliceOptions(min_foreground=0.0, select=(1, 0), channels=2, **STORED))
+    image = load_slice(items[4], SliceOptions(select=(1, 0), channels=2, **STORED))
+    lo, hi = intensity_range(stack[..., 1], ALL)
+    np.testing.assert_allclose(image[:, :, 0], np.clip((stack[:, :, 4, 1] - lo) / (hi - lo), 0, 1), atol=1e-6)
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
@@ -152,7 +174,7 @@ def test_constant_volume_has_no_kept_slices(tmp_path: Path):
 # -- slicing -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_slices_along_each_axis(volume_path: Path, axis: int):
-    opts = SliceOptions(axis=axis, min_foreground=0.0)
+    opts = SliceOptions(axis=axis, min_foreground=0.0, **STORED)
     items = scan_volume(volume_path, opts)
     assert len(items) == SHAPE[axis]
     expected_hw = tuple(s for a, s in enumerate(SHAPE) if a != axis)
@@ -164,12 +186,13 @@ def test_slices_along_each_axis(volume_path: Path, axis: int):
 
 
 def test_items_describe_the_slice(volume_path: Path):
-    items = scan_volume(volume_path, SliceOptions(axis=1, min_foreground=0.0))
+    items = scan_volume(volume_path, SliceOptions(axis=1, min_foreground=0.0, **STORED))
     first = items[0]
     assert first["image"] == str(volume_path) and first["slice"] == 0 and first["axis"] == 1
     assert first["id"] == "sub-01_T1w_y000" and items[-1]["id"] == "sub-01_T1w_y023"
     assert first["shape"] == SHAPE
-    assert first["range"] == intensity_range(random_volume(), ALL)
+    assert first["range"] == [intensity_range(random_volume(), ALL)]
+    assert first["size"] == (SHAPE[0], SHAPE[2]) and first["modality"] == "mr"
     assert scan_volume(volume_path, ALL, id_prefix="case7")[3]["id"] == "case7_z003"
 
 
@@ -180,8 +203,13 @@ def test_empty_slices_are_skipped(tmp_path: Path):
     volume[:, :, 3] = 0.0
     volume[0, 0, 3] = 50.0  # one bright voxel: a foreground fraction far below 5 %
     path = save(tmp_path / "padded.nii.gz", volume)
-    assert [it["slice"] for it in scan_volume(path, SliceOptions())] == list(range(4, 14))
-    assert len(scan_volume(path, SliceOptions(min_foreground=0.0))) == SHAPE[2]
+    assert [it["slice"] for it in scan_volume(path, SliceOptions(**STORED))] == list(range(4, 14))
+    assert len(scan_volume(path, SliceOptions(min_foreground=0.0, **STORED))) == SHAPE[2]
+    stats: dict = {}
+    assert len(scan_volume(path, SliceOptions(**STORED), skip_empty=False, stats=stats)) == SHAPE[2]
+    assert sum(stats["skipped"].values()) == 0
+    scan_volume(path, SliceOptions(**STORED), stats=stats)
+    assert stats["skipped"] == {"empty (foreground < 0.05)": 6} and stats["modalities"] == {"mr": 2}
     assert kept_slices(normalise_intensity(volume, ALL), SliceOptions(axis=0)) == list(range(SHAPE[0]))
 
 
@@ -195,7 +223,7 @@ def test_load_slice_uses_the_stored_range(volume_path: Path):
 def test_three_channels_replicate_grey(volume_path: Path):
     item = scan_volume(volume_path, ALL)[2]
     grey = load_slice(item, ALL)
-    rgb = load_slice(item, SliceOptions(channels=3))
+    rgb = load_slice(item, SliceOptions(channels=3, **STORED))
     assert rgb.shape == (*SHAPE[:2], 3)
     for c in range(3):
         np.testing.assert_array_equal(rgb[:, :, c], grey[:, :, 0])
@@ -217,14 +245,15 @@ def test_stack_slices_inverts_slicing(axis: int):
 
 
 # -- labels and writing ------------------------------------------------------------------------------------
-def test_label_slices_are_rounded_integers(tmp_path: Path):
+def test_label_slices_are_integers(tmp_path: Path, volume_path: Path):
     labels = np.random.default_rng(0).integers(0, 4, SHAPE)
-    path = save(tmp_path / "seg.nii.gz", labels.astype(np.float32) + 0.001)
-    mask = load_label_slice(path, axis=0, index=7)
+    path = save(tmp_path / "seg.nii.gz", labels.astype(np.float32) + 0.0001)  # float storage noise only
+    item = scan_volume(volume_path, SliceOptions(axis=0, min_foreground=0.0, **STORED))[7]
+    mask = load_label_slice(item, ALL, path)
     assert mask.dtype == np.int64 and mask.shape == SHAPE[1:]
     np.testing.assert_array_equal(mask, labels[7])
     with pytest.raises(DataError, match="seg.nii.gz"):
-        load_label_slice(path, axis=2, index=SHAPE[2])
+        load_label_slice({**item, "axis": 2, "slice": SHAPE[2]}, ALL, path)
 
 
 def test_write_volume_keeps_reference_header(tmp_path: Path):
@@ -248,7 +277,8 @@ def test_write_volume_keeps_reference_header(tmp_path: Path):
     np.testing.assert_allclose(header["pixdim"], ref_header["pixdim"])
     for key in ("descrip", "xyzt_units", "qform_code", "sform_code"):
         assert header[key] == ref_header[key]
-    np.testing.assert_array_equal(load_label_slice(out, 2, 4), labels[:, :, 4])
+    item = scan_volume(ref_path, ALL)[4]
+    np.testing.assert_array_equal(load_label_slice(item, ALL, out), labels[:, :, 4])
 
 
 def test_write_volume_without_reference(tmp_path: Path):

@@ -74,6 +74,7 @@ def reference(data, tmp_path_factory) -> Iterator[Path]:
 
 def test_run_folder_and_results(reference, data):
     assert sorted(p.name for p in reference.iterdir()) == [
+        ".decon-run",
         "best.ckpt",
         "checkpoints",
         "config.yaml",
@@ -201,8 +202,9 @@ def test_prune_finished_keeps_only_the_selected_weights(data, tmp_path, monkeypa
 
     assert evaluate(pruned, split="test", progress=False)["mIoU"] == results(kept)["test"]["mIoU"]
     cfg = make_cfg(data, tmp_path / "pruned", train={**train, "prune_finished": True})
-    with pytest.raises(DeconError, match="kept only its selected weights"):
-        run(cfg, resume=True)
+    before = (pruned / "results.json").read_bytes()
+    assert run(cfg, resume=True) == pruned  # a finished run: --resume does nothing
+    assert (pruned / "results.json").read_bytes() == before
 
 
 def test_label_fractions_are_nested_and_paired(data, tmp_path):
@@ -328,7 +330,12 @@ def test_run_folder_guards(data, reference, tmp_path):
     cfg = make_cfg(data, reference, train={"ckpt_every": 4})
     with pytest.raises(DeconError, match="finished run exists; pass --overwrite"):
         run(cfg)
-    changed = make_cfg(data, reference, train={"ckpt_every": 4, "lr": 0.02})
+    before = (reference / "results.json").read_bytes()
+    assert run(cfg, resume=True) == reference  # a finished run: --resume is a no-op
+    assert (reference / "results.json").read_bytes() == before
+    unfinished = tmp_path / "unfinished"
+    run(make_cfg(data, unfinished, train={"ckpt_every": 4}), max_iters=2)
+    changed = make_cfg(data, unfinished, train={"ckpt_every": 4, "lr": 0.02})
     with pytest.raises(
         DeconError, match=r"cannot resume, the config differs .* train\.lr \(0\.01 -> 0\.02\)"
     ):

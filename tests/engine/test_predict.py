@@ -13,7 +13,7 @@ from decon_med.config import DataConfig, FinetuneConfig, ModelConfig
 from decon_med.data.io import read_image
 from decon_med.data.layouts import slice_options
 from decon_med.data.transforms import SegEvalTransform
-from decon_med.data.volumes import normalise_intensity
+from decon_med.data.volumes import labels_to_volume, volume_slices
 from decon_med.engine.checkpoint import save_checkpoint
 from decon_med.engine.model_io import load_segmentation_model, segmentation_state
 from decon_med.engine.predict import predict
@@ -118,9 +118,9 @@ def test_nifti_volume_keeps_shape_affine_and_header(mr_ckpt, tmp_path):
     assert set(np.unique(labels).tolist()) <= {0, 1}
 
     _, cfg, _ = load_segmentation_model(mr_ckpt)
-    volume01 = normalise_intensity(ref.get_fdata(dtype=np.float32), slice_options(cfg.data))
-    (want,) = _direct(mr_ckpt, [volume01[:, :, 3, None]])
-    assert np.array_equal(labels[:, :, 3], want)
+    slices = volume_slices(vol, slice_options(cfg.data))  # RAS, square pixels, as in training
+    want = labels_to_volume(_direct(mr_ckpt, slices.images), slices)
+    assert want.shape == ref.shape and np.array_equal(labels, want)
 
 
 def test_2d_nifti_is_one_slice(mr_ckpt, tmp_path):
@@ -177,8 +177,9 @@ def test_cli_round_trip(rgb_ckpt, tmp_path, capsys):
         ["predict", str(rgb_ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--overlay"]
         + ["--batch-size", "2", "--quiet"]
     )
-    assert args.func(args) == 0
+    assert args.func(args) == 3  # an input was skipped: not a success
     captured = capsys.readouterr()
     assert "predicted 1 of 2" in captured.out
+    assert "skipped 1 of 2 inputs" in captured.err
     assert f"skipped {tmp_path / 'in' / 'b.png'}" in captured.err
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"a.png", "a_overlay.png"}

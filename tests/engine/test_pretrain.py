@@ -124,6 +124,7 @@ def reference(isic, tmp_path_factory):
 def test_run_folder_contents(reference):
     run_dir = reference(1)
     assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".decon-run",
         "checkpoints",
         "config.yaml",
         "done.json",
@@ -200,18 +201,28 @@ def test_kill_and_resume_is_bit_exact(isic, tmp_path, reference, accum_steps, ki
 def test_run_folder_guards(isic, tmp_path):
     out = tmp_path / "run"
     cfg = make_cfg(isic, out, epochs=1)
-    with pytest.raises(DeconError, match="no last.ckpt to resume from"):
-        run(cfg, resume=True)
-    run(cfg, max_steps=1)
+    run(cfg, max_steps=0)  # stopped before its first checkpoint: --resume starts from step 0
+    assert not (out / "last.ckpt").exists() and (out / ".decon-run").is_file()
+    run(cfg, resume=True, max_steps=1)
+    assert load_checkpoint(out / "last.ckpt")["step"] == 1
     with pytest.raises(DeconError, match="unfinished run exists; pass --resume"):
         run(cfg)
     run(cfg, resume=True)
     assert json.loads((out / "done.json").read_text())["step"] == 2
+    done = (out / "done.json").read_bytes()
+    run(cfg, resume=True)  # finished: a no-op
+    assert (out / "done.json").read_bytes() == done
     with pytest.raises(DeconError, match="finished run exists; pass --overwrite to replace it"):
         run(cfg)
-    (out / "stale.txt").write_text("x")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DeconError, match=r"did not write \(notes\.txt\)"):
+        run(cfg, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "done.json").is_file()
+    (out / "notes.txt").unlink()
+    (out / "last.ckpt.tmp").write_bytes(b"partial")
     run(cfg, overwrite=True)
-    assert not (out / "stale.txt").exists() and [int(r["step"]) for r in read_metrics(out)] == [1, 2]
+    assert [int(r["step"]) for r in read_metrics(out)] == [1, 2]
+    assert not list(out.rglob("*.tmp"))
     with pytest.raises(DeconError, match="either --resume or --overwrite"):
         run(cfg, resume=True, overwrite=True)
 

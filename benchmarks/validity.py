@@ -1,0 +1,315 @@
+"""CPU-scale validity study: does pre-training on unlabelled images help fine-tuning from few labels?
+
+One command runs the whole study on the texture task (``decon_med.data.synthetic_textures``: structures told
+apart by texture and shape, equal intensity statistics, many more unlabelled than labelled images):
+
+1. writes the data (unlabelled images + a labelled folder with train / val / test ids);
+2. pre-trains SlotCon, DeCon-SL and DeCon-ML on the unlabelled images (U-Net ResNet-18 at 64 px) with the health
+   signals logged, and exports their weights;
+3. fine-tunes one U-Net from random, encoder and encoder+decoder initialisations at 5 / 25 / 100 % of the
+   labelled training images with several seeds (best checkpoint on val, scored on test), through the same grid
+   code as ``decon-med experiment``;
+4. optionally (``--dec-grid``) pre-trains DeCon-SL and DeCon-ML again with other ``ssl.dec_grid`` values and
+   fine-tunes each at the smallest fraction, with the FLOPs per image of each setting;
+5. writes ``benchmarks/results/validity.json`` and prints the tables that ``docs/validity.md`` quotes.
+
+Each stage reuses what an earlier call finished, so an interrupted study continues where it stopped.
+
+Usage:
+    python benchmarks/validity.py --out runs/validity                 # the study (about an hour on 2 cores)
+    python benchmarks/validity.py --out runs/validity --dec-grid 7 14 28 0
+    python benchmarks/validity.py --out /tmp/v --quick               # a two-minute smoke run of every stage
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from decon_med.config import PretrainConfig, load_config
+from decon_med.data.synthetic_textures import CLASS_NAMES, make_textures
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: Study sizes; ``--quick`` shrinks every one of them.
+FULL = {
+    "n_unlabeled": 800,
+    "n_labeled": 96,
+    "pretrain_epochs": 12,
+    "pretrain_batch": 32,
+    "finetune_iters": 150,
+    "val_every": 25,
+    "fractions": [0.05, 0.25, 1.0],
+    "seeds": [0, 1, 2],
+}
+QUICK = {
+    "n_unlabeled": 48,
+    "n_labeled": 18,
+    "pretrain_epochs": 1,
+    "pretrain_batch": 16,
+    "finetune_iters": 4,
+    "val_every": 2,
+    "fractions": [0.25, 1.0],
+    "seeds": [0],
+}
+
+#: Pre-training settings shared by every method: the paper's recipe shrunk for a CPU. AdamW's rate is given after
+#: the linear batch scaling (lr x batch / 256), so it does not shrink to nothing at a small batch.
+PRETRAIN_COMMON = [
+    "data.name=unlabeled",
+    "data.image_size=64",
+    "data.num_workers=0",
+    "model.arch=unet",
+    "model.encoder=resnet18",
+    "train.optimizer=adamw",
+    "train.weight_decay=0.0001",
+    "train.warmup_epochs=1",
+    "train.amp=none",
+    "train.ckpt_every=1000",
+    "train.log_every=5",
+    "ssl.dim_hidden=512",
+    "ssl.dim_out=128",
+    "ssl.num_prototypes=64",
+    "ssl.num_prototypes_dec=64",
+    "ssl.teacher_momentum=0.99",
+]
+#: Adam's step after scaling.
+PRETRAIN_LR = 1e-3
+
+METHODS = {
+    "slotcon": ["ssl.method=slotcon", "ssl.alpha=1.0"],
+    "decon_sl": ["ssl.method=decon_sl", "ssl.alpha=0.5", "ssl.levels=[-1]", "ssl.skip_dropout=0.0"],
+    "decon_ml": [
+        "ssl.method=decon_ml",
+        "ssl.alpha=0.0",
+        "ssl.levels=[0, 1, 2, 3, 4]",
+        "ssl.skip_dropout=0.5",
+    ],
+}
+
+#: Fine-tuning: one U-Net for every row (the pre-trained architecture), SGD with poly decay.
+FINETUNE_COMMON = [
+    "data.image_size=64",
+    "data.num_workers=0",
+    "data.num_classes=3",
+    f"data.class_names=[{', '.join(CLASS_NAMES)}]",
+    "model.arch=unet",
+    "model.encoder=resnet18",
+    "train.batch_size=8",
+    "train.optimizer=sgd",
+    "train.lr=0.01",
+    "train.momentum=0.9",
+    "train.weight_decay=0.0005",
+    "train.log_every=25",
+    "train.loss=ce",
+    "train.select=best",
+]
+
+
+def pretrain_config(out: Path, label: str, method: str, size: dict, extra: list[str]) -> PretrainConfig:
+    lr = PRETRAIN_LR * 256 / size["pretrain_batch"]
+    overrides = [
+        *PRETRAIN_COMMON,
+        *METHODS[method],
+        *extra,
+        f"data.root={out / 'data' / 'unlabeled'}",
+        f"train.batch_size={size['pretrain_batch']}",
+        f"train.epochs={size['pretrain_epochs']}",
+        f"train.lr={lr}",
+        f"out_dir={out / 'pretrain' / label}",
+    ]
+    return load_config(REPO / "configs" / "pretrain" / f"{method}.yaml", overrides, schema=PretrainConfig)
+
+
+def pretrain_and_export(cfg: PretrainConfig, progress: bool) -> tuple[Path, float]:
+    """Pre-train (or reuse a finished run) and export; returns the export folder and the training seconds."""
+    from decon_med.engine.export import export
+    from decon_med.engine.pretrain import pretrain
+
+    run = Path(cfg.out_dir)
+    seconds = 0.0
+    if not (run / "done.json").is_file():
+        start = time.perf_counter()
+        pretrain(cfg, resume=(run / "last.ckpt").is_file(), progress=progress)
+        seconds = time.perf_counter() - start
+        (run / "study_seconds.json").write_text(json.dumps({"seconds": seconds}))
+    elif (run / "study_seconds.json").is_file():
+        seconds = json.loads((run / "study_seconds.json").read_text())["seconds"]
+    if not (run / "export" / "export.json").is_file():
+        export(run / "last.ckpt", run / "export", overwrite=True)
+    return run / "export", seconds
+
+
+def health_summary(run: Path) -> dict[str, dict[str, float]]:
+    """First and last logged value of every column of a pre-training run's ``metrics.csv`` but the bookkeeping."""
+    metrics = pd.read_csv(run / "metrics.csv")
+    skip = {"step", "epoch", "lr", "img_s", "momentum", "wd"}
+    summary = {}
+    for column in metrics.columns:
+        if column in skip or not pd.api.types.is_numeric_dtype(metrics[column]):
+            continue
+        values = metrics[column].dropna()
+        if len(values):
+            summary[column] = {"first": float(values.iloc[0]), "last": float(values.iloc[-1])}
+    return summary
+
+
+def flops_per_image(cfg: PretrainConfig, size: int, encoder: str) -> float:
+    """GFLOP of one pre-training step per image (student forward + backward, teacher forward) of ``cfg``'s method
+    rebuilt at ``encoder`` / ``size``; counted by ``torch.utils.flop_counter`` on a batch of 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from decon_med.config import from_dict, to_dict
+    from decon_med.ssl import build_method
+
+    raw = to_dict(cfg)
+    raw["model"]["encoder"], raw["data"]["image_size"] = encoder, size
+    if encoder == "resnet50":  # the paper's head widths at the paper's network
+        raw["ssl"].update(dim_hidden=4096, dim_out=256, num_prototypes=256, num_prototypes_dec=384)
+    method = build_method(from_dict(PretrainConfig, raw))
+    batch = {
+        "view1": torch.randn(2, 3, size, size),
+        "view2": torch.randn(2, 3, size, size),
+        "box1": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2),
+        "box2": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2),
+        "flip1": torch.zeros(2, dtype=torch.bool),
+        "flip2": torch.zeros(2, dtype=torch.bool),
+    }
+    counter = FlopCounterMode(display=False)
+    with counter:
+        method(batch)["loss"].backward()
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def finetune_grid(out: Path, name: str, inits: dict, size: dict, fractions: list, progress: bool) -> dict:
+    """The fine-tuning grid through ``decon_med.experiment`` (one U-Net for every row); returns its result paths."""
+    from decon_med.experiment import experiment_from_dict, run_experiment
+
+    raw = {
+        "name": name,
+        "finetune": str(REPO / "configs" / "finetune" / "folder.yaml"),
+        "overrides": [
+            *FINETUNE_COMMON,
+            f"data.root={out / 'data' / 'labeled'}",
+            f"train.iters={size['finetune_iters']}",
+            f"train.val_every={size['val_every']}",
+            f"train.ckpt_every={size['finetune_iters']}",
+        ],
+        "inits": inits,
+        "transfers": ["encoder", "encoder_decoder"],
+        "fractions": fractions,
+        "seeds": size["seeds"],
+        "baseline": "random",
+        "out_dir": str(out / "experiment" / name),
+    }
+    cfg = experiment_from_dict(raw)
+    cfg.validate()
+    return run_experiment(cfg, progress=progress)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="runs/validity", help="study folder (data, runs, grids)")
+    parser.add_argument("--quick", action="store_true", help="a tiny smoke run of every stage")
+    parser.add_argument(
+        "--dec-grid",
+        type=int,
+        nargs="*",
+        default=None,
+        help="also compare these ssl.dec_grid values (0: none)",
+    )
+    parser.add_argument(
+        "--json", default=None, help="results JSON (default benchmarks/results/validity.json)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args()
+    size = QUICK if args.quick else FULL
+    out = Path(args.out)
+    progress = not args.quiet
+    start = time.perf_counter()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    if not (out / "data" / "labeled" / "splits.json").is_file():
+        print("writing the texture data ...")
+        make_textures(out / "data", size["n_unlabeled"], size["n_labeled"], seed=0, overwrite=True)
+
+    exports, pretrain_seconds, health = {}, {}, {}
+    for method in METHODS:
+        cfg = pretrain_config(out, method, method, size, [])
+        print(f"pre-training {method} ...")
+        exports[method], pretrain_seconds[method] = pretrain_and_export(cfg, progress)
+        health[method] = health_summary(Path(cfg.out_dir))
+
+    inits = {"random": {"path": None, "method": "random"}}
+    for method, path in exports.items():
+        inits[method] = {"path": str(path), "method": method}
+        if method == "slotcon":  # its decoder was never trained: encoder transfer only
+            inits[method]["transfers"] = ["encoder"]
+    paths = finetune_grid(out, "methods", inits, size, size["fractions"], progress)
+    summary = pd.read_csv(paths["summary"])
+    paired = pd.read_csv(paths["paired"])
+
+    dec_grid = {}
+    for grid in args.dec_grid or []:
+        grid_inits = {"random": {"path": None, "method": "random"}}
+        for method in ("decon_sl", "decon_ml"):
+            label = f"{method}_g{grid}"
+            cfg = pretrain_config(out, label, method, size, [f"ssl.dec_grid={grid}"])
+            print(f"pre-training {label} ...")
+            export_dir, seconds = pretrain_and_export(cfg, progress)
+            grid_inits[label] = {"path": str(export_dir), "method": method}
+            dec_grid[label] = {
+                "method": method,
+                "dec_grid": grid,
+                "pretrain_seconds": seconds,
+                "gflop_per_img_study": flops_per_image(cfg, 64, "resnet18"),
+                "gflop_per_img_r50_224": flops_per_image(cfg, 224, "resnet50"),
+                "health": health_summary(Path(cfg.out_dir)),
+            }
+        grid_paths = finetune_grid(out, f"dec_grid_{grid}", grid_inits, size, size["fractions"][:1], progress)
+        for row in pd.read_csv(grid_paths["summary"]).to_dict("records"):
+            key = f"{row['init']}"
+            if key in dec_grid:
+                dec_grid[key].setdefault("finetune", []).append(row)
+
+    result = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "sizes": size,
+        "quick": args.quick,
+        "pretrain_seconds": pretrain_seconds,
+        "health": health,
+        "summary": summary.to_dict("records"),
+        "paired": paired.to_dict("records"),
+        "dec_grid": dec_grid,
+        "total_seconds": time.perf_counter() - start,
+    }
+    path = Path(
+        args.json
+        or REPO / "benchmarks" / "results" / ("validity_quick.json" if args.quick else "validity.json")
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    print(
+        (paths["table"]).read_text()
+        if "table" in paths and Path(paths["table"]).is_file()
+        else summary.to_string()
+    )
+    print(paired.to_string())
+    print(f"study finished in {result['total_seconds'] / 60:.1f} min; results in {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The run folder of ``pretrain`` and ``finetune``: start, resume, overwrite, and what a run may delete.
+
+A run folder is marked by a ``.decon-run`` file written before anything else. ``--overwrite`` removes only what
+a run writes (:data:`RUN_ENTRIES`) and refuses a folder holding anything else, listing it; it never empties ``/``,
+the home folder, the current folder or a parent of it, or a data root. A folder written before the marker existed
+counts as a run when it holds a checkpoint or ``done.json`` and nothing a run does not write.
+
+``--resume`` continues from ``last.ckpt``; on a folder without a checkpoint yet it starts from step 0 (removing
+the run's own files only); on a finished run it does nothing and says so. ``*.tmp`` files left by a killed write
+are removed whenever a run starts.
+
+Example:
+    >>> checkpoint = prepare_run_folder(RunPaths(Path("runs/ml")), cfg, resume=True, overwrite=False)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from decon_med import distributed
+from decon_med.config import flatten, to_dict
+from decon_med.engine.checkpoint import load_checkpoint
+from decon_med.errors import DeconError
+from decon_med.folders import OwnedFolder, check_deletable, resolved_path
+
+#: Marker file of a run folder, written first.
+MARKER = ".decon-run"
+
+#: Top-level entries a pre-training or fine-tuning run (and ``evaluate`` into its folder) writes.
+RUN_ENTRIES: tuple[str, ...] = (
+    "config.yaml",
+    "metrics.csv",
+    "tb",
+    "checkpoints",
+    "last.ckpt",
+    "best.ckpt",
+    "done.json",
+    "val.csv",
+    "results.json",
+    "init_report.json",
+    "train_ids.json",
+    "metrics_*.json",
+    "metrics_*.csv",
+    "predictions_*",
+    "health*",
+)
+
+#: Entries of which an unmarked folder (written before the marker existed) must hold one to count as a run.
+LEGACY_EVIDENCE: tuple[str, ...] = ("last.ckpt", "best.ckpt", "checkpoints", "done.json")
+
+#: Config keys that may differ when a run is resumed (they do not change what is computed).
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "train.epochs",
+    "out_dir",
+    "data.num_workers",
+    "train.keep_checkpoints",
+    "train.prune_finished",
+)
+
+
+def run_folder(root: str | Path) -> OwnedFolder:
+    """The :class:`~decon_med.folders.OwnedFolder` of a run folder."""
+    return OwnedFolder(Path(root), MARKER, RUN_ENTRIES)
+
+
+def is_run(root: str | Path) -> bool:
+    """True for a marked run folder, or an unmarked one holding a checkpoint or done.json and only run files."""
+    owned = run_folder(root)
+    if owned.is_marked():
+        return True
+    return owned.is_owned() and any((Path(root) / name).exists() for name in LEGACY_EVIDENCE)
+
+
+def resume_is_noop(paths: Any, cfg: Any, resume: bool, overwrite: bool) -> bool:
+    """True for ``resume`` on a run whose ``done.json`` says it finished the schedule ``cfg`` asks for
+    (pre-training resumed with more ``train.epochs`` is not finished); then it prints so on rank 0.
+
+    Raises:
+        DeconError: both ``resume`` and ``overwrite``.
+    """
+    if resume and overwrite:
+        raise DeconError("pass either --resume or --overwrite, not both")
+    if not (resume and already_finished(paths, cfg)):
+        return False
+    saved = _saved_config(paths)
+    if saved is not None:  # a changed config is an error, not a silent no-op
+        check_resumable(saved, to_dict(cfg), paths.root, defaults=to_dict(type(cfg)()))
+    if distributed.is_main_process():
+        print(f"{paths.root}: the run has already finished; nothing to resume", file=sys.stderr)
+    return True
+
+
+def _saved_config(paths: Any) -> dict[str, Any] | None:
+    """The config a finished run saved (``config.yaml``), or ``None`` when it cannot be read."""
+    try:
+        saved = yaml.safe_load(paths.config.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def already_finished(paths: Any, cfg: Any) -> bool:
+    """True when ``done.json`` says the run finished the schedule ``cfg`` asks for (pre-training resumed with
+    more ``train.epochs`` is not finished)."""
+    if not paths.done.is_file():
+        return False
+    try:
+        done = json.loads(paths.done.read_text())
+    except (OSError, ValueError):
+        return False
+    epochs = done.get("epochs") if isinstance(done, dict) else None
+    return not (isinstance(epochs, int) and cfg.train.epochs > epochs)
+
+
+def prepare_run_folder(paths: Any, cfg: Any, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Check what ``paths.root`` holds against the flags, then make it ready; returns the checkpoint to resume
+    from, or ``None`` to start at step 0.
+
+    Under torchrun every process checks, then rank 0 alone changes the folder: it removes the run's own files
+    (``overwrite``, or ``resume`` without a checkpoint), writes the marker and removes stale ``*.tmp`` files.
+
+    Raises:
+        DeconError: the folder holds something other than a run, holds a run and neither ``resume`` nor
+            ``overwrite`` was given, the resumed config differs, or ``overwrite`` may not empty it.
+    """
+    checkpoint, clear = _check(paths, cfg, resume=resume, overwrite=overwrite)
+    distributed.barrier()  # every process has looked before rank 0 changes anything
+    if distributed.is_main_process():
+        owned = run_folder(paths.root)
+        if clear:
+            owned.clear(data_roots=[cfg.data.root], what="run folder", keep_foreign=not overwrite)
+        owned.create()
+        owned.remove_stale_tmp(subfolders=("checkpoints",))
+    distributed.barrier()
+    return checkpoint
+
+
+def _check(paths: Any, cfg: Any, resume: bool, overwrite: bool) -> tuple[dict[str, Any] | None, bool]:
+    """(checkpoint to resume from, whether the run's own files go first)."""
+    root = paths.root
+    if resume and overwrite:
+        raise DeconError("pass either --resume or --overwrite, not both")
+    if root.exists() and not root.is_dir():
+        raise DeconError(f"{root}: exists and is not a folder")
+    if resolved_path(root) == resolved_path(cfg.data.root):
+        raise DeconError(f"{root}: out_dir is the data root; choose another out_dir")
+    owned = run_folder(root)
+    occupied = not owned.is_empty()
+    if occupied and not is_run(root):
+        raise DeconError(
+            f"{root}: folder is not empty and holds no run ({owned.describe_foreign() or 'no .decon-run marker'}); "
+            "choose another out_dir"
+        )
+    if overwrite:
+        if occupied:  # fail before any work, on every process
+            check_deletable(root, [cfg.data.root])
+            if owned.foreign():
+                raise DeconError(
+                    f"{root}: holds files that decon-med did not write ({owned.describe_foreign()}); "
+                    "refusing to overwrite this run folder: move them or choose another out_dir"
+                )
+        return None, occupied
+    if resume:
+        if not paths.last.is_file():
+            if paths.done.is_file() and cfg.train.prune_finished:
+                raise DeconError(
+                    f"{root}: finished run kept only its selected weights (train.prune_finished); nothing to resume"
+                )
+            if distributed.is_main_process():
+                print(f"{root}: no checkpoint yet; starting from step 0", file=sys.stderr)
+            return None, occupied
+        checkpoint = load_checkpoint(paths.last)
+        if "optimizer" not in checkpoint:
+            raise DeconError(
+                f"{root}: finished run kept only its selected weights (train.prune_finished); nothing to resume"
+            )
+        check_resumable(checkpoint["config"], to_dict(cfg), root, defaults=to_dict(type(cfg)()))
+        return checkpoint, False
+    if paths.done.is_file():
+        raise DeconError(f"{root}: finished run exists; pass --overwrite to replace it")
+    if occupied:
+        raise DeconError(
+            f"{root}: unfinished run exists; pass --resume to continue it or --overwrite to replace it"
+        )
+    return None, False
+
+
+def check_resumable(
+    saved: dict[str, Any], new: dict[str, Any], root: Path, defaults: dict[str, Any] | None = None
+) -> None:
+    """Raise a DeconError naming every config key that differs (except :data:`RESUMABLE_KEYS`).
+
+    ``train.epochs`` may only grow. A key the saved config does not hold (a run written before the key existed) is
+    no difference when the new config leaves it at its value in ``defaults``.
+    """
+    old_flat, new_flat = flatten(saved), flatten(new)
+    default_flat = flatten(defaults) if defaults is not None else {}
+
+    def differs(key: str) -> bool:
+        if key in RESUMABLE_KEYS:
+            return False
+        if key not in old_flat and key in default_flat and new_flat.get(key) == default_flat[key]:
+            return False
+        return old_flat.get(key) != new_flat.get(key)
+
+    differing = sorted(key for key in old_flat.keys() | new_flat.keys() if differs(key))
+    if differing:
+        details = ", ".join(f"{k} ({old_flat.get(k)!r} -> {new_flat.get(k)!r})" for k in differing)
+        raise DeconError(f"{root}: cannot resume, the config differs from the saved run in {details}")
+    old_epochs, new_epochs = old_flat["train.epochs"], new_flat["train.epochs"]
+    if new_epochs < old_epochs:
+        raise DeconError(
+            f"{root}: cannot resume, train.epochs may only be extended (saved {old_epochs}, given {new_epochs})"
+        )
