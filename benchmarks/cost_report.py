@@ -112,7 +112,9 @@ def print_tables(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"\nlargest batch that fits (projected, {RESERVE_GIB:g} GiB reserved):")
     print(f"{'method':<30} {'ckpt':<8} " + " ".join(f"{str(g) + ' GB':>7}" for g in GPUS))
     for r in rows:
-        print(f"{r['label']:<30} {r['checkpointing']:<8} " + " ".join(f"{r['fits'][str(g)]:>7}" for g in GPUS))
+        print(
+            f"{r['label']:<30} {r['checkpointing']:<8} " + " ".join(f"{r['fits'][str(g)]:>7}" for g in GPUS)
+        )
     measured = [r for r in rows if r.get("measured")]
     if measured:
         print(f"\nmeasured on {measured[0]['measured']['device']}:")

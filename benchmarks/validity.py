@@ -39,12 +39,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: Study sizes; ``--quick`` shrinks every one of them.
 FULL = {
-    "n_unlabeled": 800,
+    "n_unlabeled": 640,
     "n_labeled": 96,
-    "pretrain_epochs": 12,
+    "pretrain_epochs": 10,
     "pretrain_batch": 32,
-    "finetune_iters": 150,
-    "val_every": 25,
+    "finetune_iters": 120,
+    "val_every": 20,
     "fractions": [0.05, 0.25, 1.0],
     "seeds": [0, 1, 2],
 }

@@ -41,14 +41,24 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_check_data(args: argparse.Namespace) -> int:
     from decon_med.config import load_config, split_config_args
     from decon_med.data.check import check_dataset, format_summary
+    from decon_med.summary import print_summary
 
     files, overrides = split_config_args([args.config, *args.overrides])
     cfg = load_config(files, overrides, require=("data",))
+    print_summary("check-data", cfg, None, method="none (reading every file)")
     summary = check_dataset(cfg, progress=not args.quiet)
     print(format_summary(summary))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=1))
+    if args.preview:
+        from PIL import Image
+
+        from decon_med.viz import preview_grid
+
+        Path(args.preview).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(preview_grid(cfg)).save(args.preview)
+        print(f"wrote a preview of normalised training slices with their labels to {args.preview}")
     print("ok: every file was read and matches its layout")
     return 0
 
@@ -104,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="more YAML configs (merged left to right) and key.sub=value overrides"
     )
     p.add_argument("--json", help="also write the summary to this JSON file (only on success)")
+    p.add_argument(
+        "--preview",
+        metavar="PNG",
+        help="also write a grid of normalised training slices with their label overlays to this PNG file",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_check_data)
 
@@ -112,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="synthetic data -> SlotCon / DeCon-ML pre-training -> low-label fine-tuning grid -> mIoU table",
     )
     p.add_argument("--out", default="runs/demo", help="demo folder")
-    p.add_argument("--quick", action="store_true", help="a one-minute version: 12 images, 1 epoch, 10 runs")
-    p.add_argument("--n", type=int, default=24, help="number of synthetic training images")
+    p.add_argument(
+        "--quick", action="store_true", help="a one-minute version: 32 + 12 images, 1 epoch, 10 runs"
+    )
+    p.add_argument("--n", type=int, default=128, help="number of synthetic unlabelled images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)

@@ -83,8 +83,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="modes to report (default: the config's train.checkpointing)",
     )
     p.add_argument(
-        "--batches", type=int, nargs="+", default=[1, 2, 3], help="batch sizes counted on CPU (fit through them)"
+        "--batches",
+        type=int,
+        nargs="+",
+        default=[1, 2, 3],
+        help="batch sizes counted on CPU (fit through them)",
     )
-    p.add_argument("--cuda", action="store_true", help="also measure the real peak memory and img/s on the GPU")
+    p.add_argument(
+        "--cuda", action="store_true", help="also measure the real peak memory and img/s on the GPU"
+    )
     p.add_argument("--json", help="also write the report to this JSON file")
     p.set_defaults(func=_cmd_cost)

@@ -6,6 +6,7 @@ Example::
         transfer=encoder_decoder fraction=0.05 seed=0 out_dir=runs/ft/isic_ml_5pc_s0
     decon-med finetune configs/finetune/isic.yaml ... --resume
     decon-med evaluate runs/ft/isic_ml_5pc_s0 --split test --save-predictions
+    decon-med evaluate runs/ft/ct_ml --data-root /data/other_site --all --save-predictions
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     files, overrides = split_config_args([args.config, *args.overrides])
     cfg = load_config(files, overrides, schema=FinetuneConfig, require=("train",))
     run = finetune(
-        cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, max_iters=args.max_iters
+        cfg,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        max_iters=args.max_iters,
+        summary=True,
     )
     if not is_main_process():
         return 0
@@ -56,6 +62,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
         raise ConfigError(f"config key 'data.num_workers': must be an integer >= 0, got {workers!r}")
     root = options.get("data.root")
+    if args.data_root is not None:
+        if root is not None and str(root) != args.data_root:
+            raise ConfigError(f"--data-root {args.data_root} and data.root={root} disagree; give one of them")
+        root = args.data_root
     evaluate(
         args.run,
         split=args.split,
@@ -64,6 +74,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         data_root=None if root is None else str(root),
         num_workers=workers,
+        all_cases=args.all,
     )
     return 0
 
@@ -101,7 +112,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--save-predictions",
         action="store_true",
-        help="write predictions_<split>/<id>.png class-index masks at the original image sizes",
+        help="write predictions_<split>/<id>.png class-index masks at the original image sizes, and "
+        "<case>_seg.nii.gz label volumes on the original voxel grid for NIfTI cases",
+    )
+    p.add_argument("--data-root", default=None, help="read the data from this folder (same as data.root=...)")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="score every case of the data folder (all splits, as split 'all'), e.g. an external data set",
     )
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

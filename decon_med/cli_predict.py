@@ -3,7 +3,7 @@
 Example::
 
     decon-med predict runs/finetune/isic data/new_images --out pred/isic --overlay
-    decon-med predict runs/finetune/brain/best.ckpt scans/sub-01_T1w.nii.gz --out pred/brain
+    decon-med predict runs/finetune/brain/best.ckpt scans/sub-01_T1w.nii.gz --out pred/brain --tta --overlay
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
         overwrite=args.overwrite,
+        mode="resize" if args.resize else "sliding",
+        tta=args.tta,
+        largest_component=args.largest_component,
+        summary=True,
     )
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     for skipped in summary["skipped"]:
         print(f"warning: skipped {skipped['path']}: {skipped['reason']}", file=sys.stderr)
     total = len(summary["predicted"]) + len(summary["skipped"])
@@ -51,8 +57,29 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="fine-tuning run folder or .ckpt file")
     p.add_argument("input", help="image, NIfTI volume, or folder searched recursively")
     p.add_argument("--out", required=True, help="output folder (mirrors the input's sub-folders)")
-    p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png for 2D images")
-    p.add_argument("--batch-size", type=int, default=8, help="images or slices per forward pass")
+    p.add_argument(
+        "--overlay",
+        action="store_true",
+        help="also write <name>_overlay.png for 2D images and <name>_seg_overlay.png (a grid of slices) for volumes",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="sliding windows (or, with --resize, images or slices) per pass",
+    )
+    p.add_argument(
+        "--resize",
+        action="store_true",
+        help="resize each whole image or slice to the training image size (as evaluate does) instead of "
+        "sliding windows at native resolution; for models trained on images much larger than data.image_size",
+    )
+    p.add_argument("--tta", action="store_true", help="average over horizontal and vertical flips")
+    p.add_argument(
+        "--largest-component",
+        action="store_true",
+        help="keep only the largest connected component of each class (3D for volumes)",
+    )
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)

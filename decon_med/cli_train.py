@@ -20,7 +20,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     files, overrides = split_config_args([args.config, *args.overrides])
     cfg = load_config(files, overrides, schema=PretrainConfig, require=("ssl",))
     run = pretrain(
-        cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, max_steps=args.max_steps
+        cfg,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        max_steps=args.max_steps,
+        summary=True,
     )
     done = run / "done.json"
     state = "finished" if done.is_file() else f"stopped; continue it with --resume ({run / 'last.ckpt'})"

@@ -88,6 +88,11 @@ class DataConfig:
         affine_tolerance: largest difference (mm) allowed between a label's affine and its image's.
         fold: labelled layouts: use cross-validation fold ``fold`` (0-based) as val, the other folds as train.
         num_folds: number of cross-validation folds (seeded, deterministic).
+        cache_gb: NIfTI volumes: size bound (GB) of a persistent disk cache of decoded volumes, read back
+            memory-mapped by every worker and every later run, and of slice indexes (reused by every run of a grid,
+            keyed by file size and modification time); least recently used entries are deleted. ``0`` disables it
+            (each worker keeps 4 decoded volumes in memory).
+        cache_dir: folder of that cache; ``null`` = ``$XDG_CACHE_HOME/decon-med`` (default ``~/.cache/decon-med``).
     """
 
     name: DatasetName = "isic2017"
@@ -114,6 +119,8 @@ class DataConfig:
     affine_tolerance: float = 1e-3
     fold: int | None = None
     num_folds: int = 5
+    cache_gb: float = 0.0
+    cache_dir: str | None = None
 
     def validate(self) -> None:
         _check(
@@ -170,6 +177,7 @@ class DataConfig:
             "must be a non-empty list of volume indices >= 0 (or null)",
         )
         _check(self.affine_tolerance >= 0, "data.affine_tolerance", "must be >= 0")
+        _check(self.cache_gb >= 0, "data.cache_gb", f"must be >= 0 (0 disables the cache), got {self.cache_gb}")
         _check(self.num_folds >= 2, "data.num_folds", f"must be >= 2, got {self.num_folds}")
         _check(
             self.fold is None or 0 <= self.fold < self.num_folds,

@@ -380,11 +380,18 @@ def _row(
     segment_bytes: dict[str, float],
 ) -> dict:
     xs = [c.batch for c in counts]
-    flops = {part: at_batch(fit(xs, [c.flops[part] for c in counts]), batch_size) / batch_size for part in PARTS}
+    flops = {
+        part: at_batch(fit(xs, [c.flops[part] for c in counts]), batch_size) / batch_size for part in PARTS
+    }
     saved_fit = fit(xs, [c.saved_bytes for c in counts])
     saved = at_batch(saved_fit, batch_size)
     largest = counts[-1].largest_bytes / counts[-1].batch * batch_size
-    prefixes = {"none": (), "encoder": ("encoder.",), "decoder": ("decoder.",), "all": ("encoder.", "decoder.")}
+    prefixes = {
+        "none": (),
+        "encoder": ("encoder.",),
+        "decoder": ("decoder.",),
+        "all": ("encoder.", "decoder."),
+    }
     recomputed = [v for n, v in segment_bytes.items() if n.startswith(prefixes[mode])]
     recomputed_bytes = max(recomputed, default=0.0) * batch_size
     grads = counts[-1].grad_bytes

@@ -1,12 +1,15 @@
 """``decon-med demo``: the whole pipeline on tiny synthetic data, on CPU, in a few minutes.
 
-1. writes a synthetic ISIC-2017-like dataset in the official layout and checks it;
-2. pre-trains SlotCon and DeCon-ML briefly (U-Net ResNet-18 at 64 px) and exports their weights;
-3. fine-tunes from random / encoder / encoder+decoder initialisation at 5 / 25 / 100 % of the labels with 2 seeds
-   (``configs/experiment/demo.yaml``) and prints the Table-7-style summary.
+1. writes the texture task (:mod:`decon_med.data.synthetic_textures`: structures told apart by texture and shape,
+   not by intensity) as unlabelled images plus a small labelled folder, and checks the labelled part;
+2. pre-trains SlotCon and DeCon-ML on the unlabelled images (U-Net ResNet-18 at 64 px), exports their weights and
+   prints each run's loss and health signals at its first and last log step;
+3. fine-tunes one U-Net from random / encoder / encoder+decoder initialisation at 5 / 25 / 100 % of the labels
+   with 2 seeds (``configs/experiment/demo.yaml``) and prints the summary, with a note on what a grid this small
+   can and cannot show (``docs/validity.md`` holds the CPU-scale study).
 
 Everything lands in one folder (default ``runs/demo``), which the notebooks read. Re-running reuses what is
-finished. ``quick=True`` (``decon-med demo --quick``) runs the same steps in about a minute: 12 images, one
+finished. ``quick=True`` (``decon-med demo --quick``) runs the same steps in about a minute: fewer images, one
 pre-training epoch and a 10-run grid (25 / 100 % labels, one seed, 4 iterations per run).
 
 Example:
@@ -18,6 +21,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from decon_med.config import PretrainConfig, load_config
@@ -26,22 +30,29 @@ from decon_med.errors import DeconError
 #: The repository's configs folder (the package is installed from the repository, editable).
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-#: Tiny pre-training settings shared by both demo methods (the paper's widths shrunk for a CPU).
+#: Labelled images of the demo (train / val / test 24 / 8 / 16); ``quick`` uses 12.
+N_LABELED = 48
+#: Pre-training batch; AdamW's step after the linear batch scaling (lr x batch / 256) is ``PRETRAIN_STEP``.
+PRETRAIN_BATCH = 16
+PRETRAIN_STEP = 1e-3
+
+#: Tiny pre-training settings shared by both demo methods (the paper's widths shrunk for a CPU). The rate is set
+#: so that the scaled rate is ``PRETRAIN_STEP``: the paper's 0.002 at batch 8 would scale to 6e-5 and not move.
 PRETRAIN_OVERRIDES = [
     "model.arch=unet",
     "model.encoder=resnet18",
-    "data.name=isic2017",
+    "data.name=unlabeled",
     "data.image_size=64",
     "data.num_workers=0",
-    "train.batch_size=8",
-    "train.epochs=15",
+    f"train.batch_size={PRETRAIN_BATCH}",
+    "train.epochs=6",
     "train.optimizer=adamw",
-    "train.lr=0.002",
+    f"train.lr={PRETRAIN_STEP * 256 / PRETRAIN_BATCH:g}",
     "train.weight_decay=0.0001",
     "train.warmup_epochs=1",
     "train.amp=none",
     "train.ckpt_every=1000",
-    "train.log_every=3",
+    "train.log_every=4",
     "ssl.dim_hidden=256",
     "ssl.dim_out=64",
     "ssl.num_prototypes=32",
@@ -61,44 +72,56 @@ METHOD_OVERRIDES = {
 
 
 #: What ``quick=True`` changes: pre-training overrides and experiment keys.
-QUICK_PRETRAIN = ["train.epochs=1", "train.batch_size=4", "train.log_every=1"]
+QUICK_PRETRAIN = ["train.epochs=1", "train.batch_size=4", "train.lr=0.064", "train.log_every=1"]
 QUICK_GRID = {
     "fractions": [0.25, 1.0],
     "seeds": [0],
     "overrides": ["train.iters=4", "train.val_every=2", "train.log_every=2", "train.ckpt_every=4"],
 }
 
+#: Health columns printed after pre-training (when a method logs them), with a short label.
+HEALTH_COLUMNS = {"z_std": "std x sqrt(d)", "protos": "prototypes in use", "entropy": "entropy / ln K"}
+
 
 def demo_pretrain_config(out: Path, method: str, data_root: Path, quick: bool = False) -> PretrainConfig:
-    """The tiny pre-training config of one demo method."""
+    """The tiny pre-training config of one demo method, reading ``data_root/unlabeled``."""
     overrides = [
         *PRETRAIN_OVERRIDES,
         *METHOD_OVERRIDES[method],
         *(QUICK_PRETRAIN if quick else []),
-        f"data.root={data_root}",
+        f"data.root={Path(data_root) / 'unlabeled'}",
         f"out_dir={out / 'pretrain' / method}",
     ]
     return load_config(None, overrides, schema=PretrainConfig)
 
 
-def prepare_data(out: Path, n: int = 24, seed: int = 0) -> Path:
-    """Synthetic ISIC-like data in ``out/data/isic2017`` (kept if already there), checked file by file."""
+def prepare_data(out: Path, n: int = 128, seed: int = 0, quick: bool = False) -> Path:
+    """The texture task in ``out/data`` (kept if already there): ``n`` unlabelled images and a labelled folder,
+    whose files are checked one by one."""
     from decon_med.config import Config, DataConfig
     from decon_med.data.check import check_dataset, format_summary
-    from decon_med.data.synthetic import synthesize
+    from decon_med.data.synthetic_textures import CLASS_NAMES, make_textures
 
-    root = out / "data" / "isic2017"
-    if not (root.is_dir() and any(root.iterdir())):
-        synthesize("isic", root, n=n, seed=seed)
-    cfg = Config(data=DataConfig(name="isic2017", root=str(root), image_size=64, num_workers=0))
-    print(format_summary(check_dataset(cfg, progress=False)))
+    root = out / "data"
+    if not (root / "labeled" / "splits.json").is_file():
+        make_textures(root, n_unlabeled=n, n_labeled=12 if quick else N_LABELED, seed=seed, overwrite=True)
+    data = DataConfig(
+        name="folder",
+        root=str(root / "labeled"),
+        image_size=64,
+        num_workers=0,
+        num_classes=len(CLASS_NAMES),
+        class_names=list(CLASS_NAMES),
+    )
+    print(format_summary(check_dataset(Config(data=data), progress=False)))
     return root
 
 
 def pretrain_and_export(
     out: Path, data_root: Path, progress: bool = True, quick: bool = False
 ) -> dict[str, Path]:
-    """Pre-train each demo method (resuming or reusing a finished run) and export its weights."""
+    """Pre-train each demo method (resuming or reusing a finished run), export its weights and print how its
+    loss and health signals moved."""
     from decon_med.engine.export import export
     from decon_med.engine.pretrain import pretrain
 
@@ -113,20 +136,38 @@ def pretrain_and_export(
         if not (export_dir / "export.json").is_file():
             export(run / "last.ckpt", export_dir, overwrite=True)
         exports[method] = export_dir
+        print(health_report(method, run))
     return exports
 
 
+def health_report(method: str, run: Path) -> str:
+    """One line per signal: the loss and the health signals of a pre-training run at its first and last log step
+    (the level whose signal moved least is shown, so a level that did not learn is not hidden)."""
+    metrics = pd.read_csv(run / "metrics.csv")
+    first, last = metrics.iloc[0], metrics.iloc[-1]
+    lines = [f"{method}: {len(metrics)} log steps to step {int(last['step'])}; first -> last"]
+    lines.append(f"  loss                 {first['loss']:8.3f} -> {last['loss']:8.3f}")
+    for suffix, label in HEALTH_COLUMNS.items():
+        columns = [c for c in metrics.columns if c.endswith(f"_{suffix}")]
+        if not columns:
+            continue
+        column = min(columns, key=lambda c: abs(float(last[c]) - float(first[c])))
+        lines.append(f"  {label:20s} {first[column]:8.3f} -> {last[column]:8.3f}   ({column})")
+    return "\n".join(lines)
+
+
 def demo_experiment(out: Path, data_root: Path, exports: dict[str, Path], quick: bool = False):
-    """``configs/experiment/demo.yaml`` with every path pointed into ``out`` (reduced by ``quick``)."""
+    """``configs/experiment/demo.yaml`` with every path pointed into ``out`` (reduced by ``quick``); fine-tunes on
+    ``data_root/labeled``."""
     from decon_med.experiment import experiment_from_dict
 
     path = CONFIGS / "experiment" / "demo.yaml"
     if not path.is_file():
         raise DeconError(f"{path}: demo experiment config not found (install decon-med from its repository)")
     raw = yaml.safe_load(path.read_text())
-    raw["finetune"] = str(CONFIGS / "finetune" / "isic.yaml")
+    raw["finetune"] = str(CONFIGS / "finetune" / "folder.yaml")
     raw["overrides"] = [o for o in raw["overrides"] if not o.startswith("data.root=")] + [
-        f"data.root={data_root}"
+        f"data.root={Path(data_root) / 'labeled'}"
     ]
     for label, export_dir in exports.items():
         raw["inits"][label]["path"] = str(export_dir)
@@ -135,20 +176,32 @@ def demo_experiment(out: Path, data_root: Path, exports: dict[str, Path], quick:
         raw["fractions"], raw["seeds"] = QUICK_GRID["fractions"], QUICK_GRID["seeds"]
         raw["overrides"] += QUICK_GRID["overrides"]
     cfg = experiment_from_dict(raw)
+    if cfg.note:
+        iters = [o.split("=", 1)[1] for o in cfg.overrides if o.startswith("train.iters=")][-1:] or ["?"]
+        sizes = (
+            f"{_count(Path(data_root) / 'unlabeled')} unlabelled images, "
+            f"{_count(Path(data_root) / 'labeled' / 'images')} labelled ones (train / val / test), "
+            f"{iters[0]} fine-tuning iterations per run, {len(cfg.seeds)} seed(s)"
+        )
+        cfg.note = cfg.note.replace("at toy scale", f"at toy scale ({sizes})", 1)
     cfg.validate()
     return cfg
 
 
 def run_demo(
-    out: Path, n: int = 24, seed: int = 0, progress: bool = True, quick: bool = False
+    out: Path, n: int = 128, seed: int = 0, progress: bool = True, quick: bool = False
 ) -> dict[str, Path]:
     """Data -> SlotCon and DeCon-ML pre-training -> the fine-tuning grid -> summary tables, all under ``out``."""
     from decon_med.experiment import run_experiment
 
     start = time.time()
     out = Path(out)
-    data_root = prepare_data(out, n=min(n, 12) if quick else n, seed=seed)
+    data_root = prepare_data(out, n=min(n, 32) if quick else n, seed=seed, quick=quick)
     exports = pretrain_and_export(out, data_root, progress=progress, quick=quick)
     paths = run_experiment(demo_experiment(out, data_root, exports, quick=quick), progress=progress)
     print(f"demo finished in {time.time() - start:.0f} s; results in {out / 'experiment'}")
     return paths
+
+
+def _count(folder: Path) -> int:
+    return sum(1 for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0

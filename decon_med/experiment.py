@@ -102,6 +102,7 @@ from decon_med.experiment_report import (  # noqa: F401  (re-exported: the publi
     summarize,
     write_csv,
 )
+from decon_med.summary import print_summary
 
 InitMethod = Literal[
     "random", "slotcon", "decon_sl", "decon_ml", "densecl", "decon_sl_densecl", "decon_ml_densecl", "mim"
@@ -158,6 +159,7 @@ class ExperimentConfig:
         seeds: seeds; a seed fixes the labelled subset, so equal seeds pair runs across inits.
         baseline: init label the others are compared with in ``paired.csv`` (``null``: no comparison).
         out_dir: experiment folder.
+        note: printed under the result tables: what the grid's scale can and cannot show.
     """
 
     name: str = "experiment"
@@ -170,6 +172,7 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     baseline: str | None = "random"
     out_dir: str = "runs/experiment"
+    note: str | None = None
 
     def validate(self) -> None:
         _need(bool(self.name.strip()), "name", "must not be empty")
@@ -477,6 +480,16 @@ def run_experiment(
     out.mkdir(parents=True, exist_ok=True)
     _write_text(out / "experiment.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     print(f"experiment {cfg.name}: {len(specs)} runs, {len(specs) - len(todo)} done, {len(todo)} to run")
+    if specs:
+        first = specs[0].cfg
+        print_summary(
+            "experiment",
+            first,
+            None,
+            method=f"supervised from {len({s.init for s in specs})} init(s) x {len({s.transfer for s in specs})} "
+            f"transfer(s) x {len({s.fraction for s in specs})} fraction(s) x {len({s.seed for s in specs})} seed(s)",
+            steps=f"{first.train.iters} iterations per run",
+        )
     paths.update(results=out / "results.csv", summary=out / "summary.csv", paired=out / "paired.csv")
     failed = _run_all(todo, runner or _finetune_runner, specs, paths["results"], progress)
     results = write_results(specs, paths["results"])

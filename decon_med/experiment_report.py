@@ -192,12 +192,18 @@ def report(cfg: ExperimentConfig, results: pd.DataFrame, paths: dict[str, Path])
     reference = format_paper_reference(dataset)
     if reference is not None:
         print(f"\n{reference}")
+        print(
+            "(the paper's setting: COCO pre-training, ResNet-50 FCN at 512 px, 24k / 80k iterations; a grid at "
+            "another scale or network is not comparable with these numbers)"
+        )
     if not paired.empty:
         print(
             f"\nmIoU difference to '{cfg.baseline}' in percentage points, paired by fraction and seed\n"
             f"[bootstrap 95 % CI over the seed differences, {N_BOOTSTRAP} resamples; coarse with few seeds]"
         )
         print(format_paired(paired, cfg.fractions))
+    if cfg.note:
+        print(f"\nnote: {cfg.note.strip()}")
     print(f"\ntables: {paths['results']}, {paths['summary']}, {paths['paired']}")
 
 

@@ -308,3 +308,110 @@ def predict_split(run: str | Path, split: str = "test", limit: int | None = None
             if limit is not None and len(cases) >= limit:
                 return cases
     return cases
+
+
+# -- slice grids -----------------------------------------------------------------------------------------------
+def slice_grid(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray | None] | None = None,
+    columns: int = 4,
+    tile: int = 128,
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """uint8 RGB grid of 2D slices (HWC in [0, 1]; the first channel of a multi-channel slice that is not RGB),
+    each tinted with its mask (:func:`overlay`) and fitted into a ``tile x tile`` cell, aspect kept.
+
+    Example:
+        >>> slice_grid([np.zeros((40, 60, 1))] * 5, [np.ones((40, 60), int)] * 5, columns=4).shape
+        (256, 512, 3)
+    """
+    import cv2
+
+    if not images:
+        raise ValueError("slice_grid needs at least one slice")
+    masks = list(masks) if masks is not None else [None] * len(images)
+    if len(masks) != len(images):
+        raise ValueError(f"{len(images)} slices but {len(masks)} masks")
+    columns = max(1, min(columns, len(images)))
+    rows = -(-len(images) // columns)
+    grid = np.zeros((rows * tile, columns * tile, 3), dtype=np.uint8)
+    for index, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        image = np.asarray(image, dtype=np.float64)
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.shape[2] not in (1, 3):
+            image = image[:, :, :1]
+        rgb = overlay(image, np.zeros(image.shape[:2], int) if mask is None else np.asarray(mask), alpha)
+        height, width = rgb.shape[:2]
+        scale = tile / max(height, width)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        cell = cv2.resize((np.clip(rgb, 0, 1) * 255).astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+        top, left = (index // columns) * tile, (index % columns) * tile
+        y0, x0 = (tile - cell.shape[0]) // 2, (tile - cell.shape[1]) // 2
+        grid[top + y0 : top + y0 + cell.shape[0], left + x0 : left + x0 + cell.shape[1]] = cell
+    return grid
+
+
+def _spread(n_items: int, n: int) -> list[int]:
+    """Up to ``n`` evenly spaced indices of ``n_items``."""
+    if n_items <= n:
+        return list(range(n_items))
+    return [int(i) for i in np.linspace(0, n_items - 1, n).round()]
+
+
+def preview_grid(
+    cfg: Any, n: int = 12, split: str = "train", columns: int = 4, tile: int = 128
+) -> np.ndarray:
+    """A grid of ``n`` normalised slices / images of a split, evenly spread, with their label overlays.
+
+    Slices are exactly what the network is given (orientation, square pixels, intensity per file); labelled
+    layouts show the masks as class colours (:data:`CLASS_COLOURS`), unlabelled ones the images only.
+
+    Example:
+        >>> Image.fromarray(preview_grid(load_config("configs/finetune/folder.yaml"))).save("preview.png")
+    """
+    from decon_med.data.datasets import read_pair
+    from decon_med.data.layouts import get_layout, slice_options
+
+    layout = get_layout(cfg.data)
+    labelled = not layout.images_only
+    items = layout.items(split, labeled=labelled)
+    if not items:
+        raise DataError(layout.root, f"split '{split}' has no images")
+    opts = slice_options(cfg.data)
+    images, masks = [], []
+    for index in _spread(len(items), n):
+        item = items[index]
+        image, raw = read_pair(item, opts)
+        images.append(image)
+        masks.append(None if raw is None else layout.map_label(raw, item["label"]))
+    return slice_grid(images, masks, columns=columns, tile=tile)
+
+
+def nifti_grid(
+    image: str | Path,
+    labels: str | Path | None,
+    cfg: Any,
+    n: int = 12,
+    columns: int = 4,
+    tile: int = 128,
+) -> np.ndarray:
+    """A grid of slices of a NIfTI volume as the network sees them, with a label volume (e.g. a prediction)
+    on the same voxel grid overlaid; up to ``n`` slices, evenly spread over those with labels.
+
+    Example:
+        >>> grid = nifti_grid("scans/case1.nii.gz", "pred/case1_seg.nii.gz", cfg)
+    """
+    from decon_med.data.layouts import slice_options
+    from decon_med.data.volumes import read_volume, volume_slices
+    from decon_med.engine.predict import grid_slices, volume_label_slices
+
+    slices = volume_slices(image, slice_options(cfg.data))
+    if labels is None:
+        masks = [np.zeros(im.shape[:2], dtype=np.uint8) for im in slices.images]
+    else:
+        volume, _ = read_volume(labels)
+        volume = np.rint(volume).astype(np.int64).reshape(slices.geometry.shape)
+        masks = volume_label_slices(volume, slices)
+    picked = grid_slices(masks, n)
+    return slice_grid([slices.images[k] for k in picked], [masks[k] for k in picked], columns, tile)

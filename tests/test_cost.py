@@ -163,7 +163,9 @@ def test_benchmark_script_prints_the_table_and_the_fit_table(tmp_path, capsys):
     spec.loader.exec_module(bench)
     out = tmp_path / "cost.json"
     argv = ["--methods", "slotcon", "mim", "--encoder", "resnet18", "--size", "64", "--batch-size", "8"]
-    result = bench.main([*argv, "--dim-hidden", "32", "--amp", "bf16", "--batches", "1", "2", "--json", str(out)])
+    result = bench.main(
+        [*argv, "--dim-hidden", "32", "--amp", "bf16", "--batches", "1", "2", "--json", str(out)]
+    )
     rows = result["rows"]
     assert [(r["label"], r["checkpointing"]) for r in rows] == [
         ("slotcon", "none"),

@@ -11,7 +11,7 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["01_quickstart", "02_results", "03_pretraining", "04_predictions"]
+NAMES = ["01_quickstart", "02_results", "03_pretraining", "04_predictions", "05_volumes"]
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +47,7 @@ def test_notebook_runs_top_to_bottom(name, demo_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("DECON_MED_EXPERIMENT", str(demo_folder / "experiment"))
     monkeypatch.setenv("DECON_MED_PRETRAIN", str(demo_folder / "pretrain" / "decon_ml"))
     monkeypatch.setenv("DECON_MED_QUICKSTART", str(tmp_path / "quickstart"))
+    monkeypatch.setenv("DECON_MED_VOLUMES", str(tmp_path / "volumes"))
     book = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     client = NotebookClient(
         book, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
@@ -58,3 +59,7 @@ def test_notebook_runs_top_to_bottom(name, demo_folder, tmp_path, monkeypatch):
     assert images, "every notebook draws at least one figure"
     if name == "01_quickstart":
         assert (tmp_path / "quickstart" / "finetune" / "results.json").is_file()
+    if name == "05_volumes":
+        assert (tmp_path / "volumes" / "preview.png").is_file()
+        assert len(list((tmp_path / "volumes" / "finetune" / "predictions_test").glob("*_seg.nii.gz"))) == 1
+        assert len(list((tmp_path / "volumes" / "predictions").glob("*_seg_overlay.png"))) == 3

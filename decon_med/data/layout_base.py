@@ -24,6 +24,7 @@ from sklearn.model_selection import train_test_split
 from decon_med.config import DataConfig
 from decon_med.data.io import file_stem, is_image, is_nifti
 from decon_med.data.splits import kfold_split
+from decon_med.data.volume_cache import scan_progress
 from decon_med.data.volumes import SliceOptions, scan_volume
 from decon_med.errors import DataError
 
@@ -54,6 +55,8 @@ def slice_options(cfg: DataConfig) -> SliceOptions:
         spacing=cfg.spacing,
         select=None if cfg.channels is None else tuple(cfg.channels),
         affine_tolerance=cfg.affine_tolerance,
+        cache_dir=cfg.cache_dir,
+        cache_gb=cfg.cache_gb,
     )
 
 
@@ -104,7 +107,8 @@ class Layout:
         skip = split == "train" and (not labeled or self.images_only or self.cfg.skip_empty == "train")
         stats: dict = {"skipped": Counter(), "modalities": Counter(), "warnings": []}
         items = []
-        for image, label in pairs:
+        volumes = sum(is_nifti(image[0] if isinstance(image, list) else image) for image, _ in pairs)
+        for image, label in scan_progress(pairs, f"scanning {split} volumes", volumes):
             items.extend(self._expand(image, label, skip, stats))
         self.stats[split] = stats
         return sorted(items, key=lambda it: it["id"])

@@ -22,6 +22,10 @@ intensities contradict its declared modality is a one-line warning (logger ``dec
 Labels are checked strictly against their image: same stored shape, affines equal within ``affine_tolerance`` mm,
 integer values only (1.6 is an error, never rounded).
 
+Decoded volumes are held per process (:data:`VOLUME_CACHE_SIZE` of them), or, with ``cache_gb > 0``, stored once in
+a persistent disk cache and read back memory-mapped, one slice at a time, by every worker and every later run; the
+slice index of each volume is then cached too (:mod:`decon_med.data.volume_cache`).
+
 Example:
     >>> opts = SliceOptions(axis=2, modality="mr")
     >>> items = scan_volume("sub-01_T1w.nii.gz", opts)      # one dict per kept slice
@@ -30,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -44,6 +49,7 @@ import numpy as np
 from decon_med.data.geometry import ORIENTATIONS, Geometry, plane_size, resample_plane, to_canonical
 from decon_med.data.geometry import from_canonical as _from_canonical
 from decon_med.data.intensity import MR_NORMALISATIONS, channel_ranges, contradiction, resolve_modality
+from decon_med.data.volume_cache import VolumeCache, cache_key
 from decon_med.errors import DataError
 
 #: NIfTI suffixes, matched case-insensitively; ``.nii.gz`` first so it wins over ``.nii``.
@@ -52,8 +58,12 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 #: Modalities with their own intensity handling; ``auto`` decides per file (see :mod:`decon_med.data.intensity`).
 MODALITIES = ("mr", "ct", "gray", "rgb", "auto")
 
-#: Whole decoded volumes kept per process by :func:`load_slice` / :func:`load_label_slice`.
+#: Whole decoded volumes kept per process by :func:`load_slice` / :func:`load_label_slice` when the disk cache is
+#: off (``SliceOptions.cache_gb == 0``).
 VOLUME_CACHE_SIZE = 4
+
+#: Memory-mapped cached volumes kept open per process (address space only; the data stays in the page cache).
+OPEN_CACHE_SIZE = 256
 
 _AXIS_NAMES = "xyz"
 
@@ -140,6 +150,10 @@ class SliceOptions:
             voxel grid as stored (no resampling).
         select: volumes of a 4D image used as channels (``None``: a 4D image is an error).
         affine_tolerance: largest allowed difference (mm) between a label's affine and its image's.
+        cache_dir: folder of the persistent volume cache (``None``: ``$XDG_CACHE_HOME/decon-med``).
+        cache_gb: bound on the cache's size in GB; decoded volumes are stored there once and read back memory-mapped,
+            and slice indexes are reused across runs (see :mod:`decon_med.data.volume_cache`). ``0`` (default)
+            disables it: each process keeps :data:`VOLUME_CACHE_SIZE` decoded volumes in memory.
 
     Example:
         >>> SliceOptions(axis=0, modality="ct", ct_window=((40.0, 400.0), (-600.0, 1500.0)), channels=2)
@@ -158,6 +172,8 @@ class SliceOptions:
     spacing: float | None = None
     select: tuple[int, ...] | None = None
     affine_tolerance: float = 1e-3
+    cache_dir: str | None = None
+    cache_gb: float = 0.0
 
     def __post_init__(self) -> None:
         if self.axis not in (0, 1, 2):
@@ -185,6 +201,8 @@ class SliceOptions:
             raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {self.orientation!r}")
         if self.spacing is not None and self.spacing < 0:
             raise ValueError(f"spacing must be >= 0, got {self.spacing}")
+        if self.cache_gb < 0:
+            raise ValueError(f"cache_gb must be >= 0, got {self.cache_gb}")
 
     @property
     def windows(self) -> tuple[Window, ...]:
@@ -305,15 +323,96 @@ def _cached_image(
     return canonical, geometry
 
 
-def _image(paths: Sequence[str], opts: SliceOptions) -> tuple[np.ndarray, Geometry]:
-    """Read-only canonical ``(X, Y, Z, C)`` image from the per-process LRU cache.
+def _image(paths: Sequence[str], opts: SliceOptions, write: bool = True) -> tuple[np.ndarray, Geometry]:
+    """Read-only canonical ``(X, Y, Z, C)`` float32 image.
 
-    Every DataLoader worker keeps up to :data:`VOLUME_CACHE_SIZE` whole float32 volumes (about 4 bytes per voxel
-    each). The key includes each file's modification time and size so a rewritten file is read again.
+    With the disk cache on (``opts.cache_gb > 0``) the image is decoded once, stored slice-major and returned as a
+    canonical-shaped view of a memory map (``write=False`` only reads the cache). Otherwise every process keeps up
+    to :data:`VOLUME_CACHE_SIZE` whole float32 volumes in memory (about 4 bytes per voxel each). Either way the key
+    includes each file's modification time and size, so a rewritten file is read again.
     """
     paths = tuple(str(p) for p in paths)
     stats = tuple(_stat(p) for p in paths)
-    return _cached_image(paths, stats, opts.select, opts.orientation)
+    cache = _disk_cache(opts)
+    if cache is None:
+        return _cached_image(paths, stats, opts.select, opts.orientation)
+    key = _key("image", paths, select=opts.select, orientation=opts.orientation, axis=opts.axis)
+    if key in _TOO_BIG:
+        return _cached_image(paths, stats, opts.select, opts.orientation)
+    hit = _open_cached(cache, key)
+    if hit is not None:
+        return hit
+    canonical, geometry = _cached_image.__wrapped__(paths, stats, opts.select, opts.orientation)
+    if write and _store(cache, key, canonical, geometry, opts.axis):
+        return _open_cached(cache, key) or (canonical, geometry)
+    if write:
+        _TOO_BIG.add(key)
+    return canonical, geometry
+
+
+# -- disk cache ------------------------------------------------------------------------------------------------
+#: Keys of volumes larger than the disk cache's bound (held in memory instead), per process.
+_TOO_BIG: set[str] = set()
+
+
+@functools.lru_cache(maxsize=16)
+def _cache_for(folder: str | None, max_gb: float) -> VolumeCache:
+    return VolumeCache(folder, max_gb)
+
+
+def _disk_cache(opts: SliceOptions) -> VolumeCache | None:
+    return _cache_for(opts.cache_dir, float(opts.cache_gb)) if opts.cache_gb > 0 else None
+
+
+def _key(kind: str, paths: Sequence[str], **params) -> str:
+    try:
+        return cache_key(kind, paths, **params)
+    except OSError as exc:
+        raise DataError(paths[0], "file not found") from exc
+
+
+def _store(cache: VolumeCache, key: str, canonical: np.ndarray, geometry: Geometry, axis: int) -> bool:
+    """Store a canonical ``(X, Y, Z[, C])`` array slice-major: the sliced axis first, so one slice is contiguous."""
+    axis = slice_axis(geometry.canonical_shape, axis)
+    meta = {
+        "axis": axis,
+        "geometry": {
+            "shape": list(geometry.shape),
+            "affine": np.asarray(geometry.affine, dtype=np.float64).tolist(),
+            "ornt": np.asarray(geometry.ornt, dtype=np.float64).tolist(),
+            "canonical_shape": list(geometry.canonical_shape),
+            "spacing": list(geometry.spacing),
+        },
+    }
+    return cache.store_array(key, np.moveaxis(canonical, axis, 0), meta)
+
+
+def _open_cached(cache: VolumeCache, key: str) -> tuple[np.ndarray, Geometry] | None:
+    """A cached array as a read-only canonical view of its memory map, with its geometry; ``None`` on a miss.
+
+    Opened maps are kept per process (a miss is not remembered, so an entry written later is found).
+    """
+    try:
+        return _opened(cache.folder, cache.max_bytes, key)
+    except KeyError:
+        return None
+
+
+@functools.lru_cache(maxsize=OPEN_CACHE_SIZE)
+def _opened(folder: Path, max_bytes: int, key: str) -> tuple[np.ndarray, Geometry]:
+    found = VolumeCache(folder, max_bytes / 1e9).load_array(key)
+    if found is None:
+        raise KeyError(key)
+    array, meta = found
+    g = meta["geometry"]
+    geometry = Geometry(
+        shape=tuple(int(v) for v in g["shape"]),
+        affine=np.asarray(g["affine"], dtype=np.float64),
+        ornt=np.asarray(g["ornt"], dtype=np.float64),
+        canonical_shape=tuple(int(v) for v in g["canonical_shape"]),
+        spacing=tuple(float(v) for v in g["spacing"]),
+    )
+    return np.moveaxis(array, 0, int(meta["axis"])), geometry
 
 
 def _item_paths(item: dict) -> list[str]:
@@ -340,6 +439,33 @@ def _cached_label(path: str, stats: tuple, orientation: str) -> tuple[np.ndarray
     canonical, geometry = to_canonical(rounded.astype(np.int32), affine, orientation)
     canonical.flags.writeable = False
     return canonical, geometry
+
+
+def _label(path: str, opts: SliceOptions) -> tuple[np.ndarray, Geometry]:
+    """Canonical label volume (int32 values; from the disk cache, stored in the smallest integer type, when on)."""
+    stats = _stat(path)
+    cache = _disk_cache(opts)
+    if cache is None:
+        return _cached_label(path, stats, opts.orientation)
+    key = _key("label", [path], orientation=opts.orientation, axis=opts.axis)
+    if key in _TOO_BIG:
+        return _cached_label(path, stats, opts.orientation)
+    hit = _open_cached(cache, key)
+    if hit is not None:
+        return hit
+    labels, geometry = _cached_label.__wrapped__(path, stats, opts.orientation)
+    if _store(cache, key, _smallest_int(labels), geometry, opts.axis):
+        return _open_cached(cache, key) or (labels, geometry)
+    _TOO_BIG.add(key)
+    return labels, geometry
+
+
+def _smallest_int(labels: np.ndarray) -> np.ndarray:
+    lo, hi = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+    for dtype in (np.uint8, np.int16):
+        if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
+            return labels.astype(dtype)
+    return labels
 
 
 # -- intensities -----------------------------------------------------------------------------------------------
@@ -402,7 +528,7 @@ def _file_ranges(
 
 def _normalised_slice(canonical: np.ndarray, axis: int, index: int, ranges: Sequence) -> np.ndarray:
     """``(H, W, len(ranges))`` float32 in [0, 1] of one canonical slice (channel ``j`` uses ``ranges[j]``)."""
-    plane = canonical.take(index, axis=axis)  # (H, W, C)
+    plane = _plane(canonical, axis, index)  # (H, W, C)
     per_channel = len(ranges) // plane.shape[2]
     channels = [
         _rescale(plane[:, :, j // per_channel], float(lo), float(hi)) for j, (lo, hi) in enumerate(ranges)
@@ -484,6 +610,44 @@ def scan_volume(
         'sub-01_T1w_z012'
     """
     paths = [str(p) for p in path] if isinstance(path, (list, tuple)) else [str(path)]
+    scan = _scan_index(paths, opts, skip_empty)
+    modality, axis, keep = scan["modality"], scan["axis"], scan["keep"]
+    if stats is not None:
+        skipped = scan["n_slices"] - len(keep)
+        stats.setdefault("skipped", Counter())[f"empty (foreground < {opts.min_foreground:g})"] += skipped
+        stats.setdefault("modalities", Counter())[modality] += 1
+        stats.setdefault("warnings", []).extend(scan["warnings"])
+    prefix = nifti_stem(paths[0]) if id_prefix is None else id_prefix
+    base = {
+        "image": paths[0],
+        "axis": axis,
+        "range": [tuple(r) for r in scan["ranges"]],
+        "shape": tuple(scan["shape"]),
+        "size": tuple(scan["size"]),
+        "modality": modality,
+    }
+    if len(paths) > 1:
+        base["channels"] = paths
+    return [{**base, "slice": k, "id": f"{prefix}_{_AXIS_NAMES[axis]}{k:03d}"} for k in keep]
+
+
+def _scan_index(paths: list[str], opts: SliceOptions, skip_empty: bool) -> dict:
+    """What :func:`scan_volume` needs of a volume, from the disk cache's slice index when it holds it.
+
+    Returns ``{"modality", "ranges", "axis", "n_slices", "keep", "shape", "size", "warnings"}``. The index is keyed
+    by the files' size and modification time and by every slicing option, so each run of a grid reuses it; a
+    reused index logs its file's warnings again.
+    """
+    cache = _disk_cache(opts)
+    key = None
+    if cache is not None:
+        params = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("cache_dir", "cache_gb")}
+        key = _key("index", paths, skip_empty=skip_empty, **params)
+        found = cache.load_json(key)
+        if found is not None:
+            for line in found["warnings"]:
+                log.warning("warning: %s", line)
+            return found
     canonical, geometry = _image(paths, opts)
     warnings: list[str] = []
     modality, ranges = _file_ranges(paths[0], canonical, opts, warnings)
@@ -494,25 +658,19 @@ def scan_volume(
         keep = kept_slices(_rescale(canonical[..., 0], lo, hi), SliceOptions(axis=axis, **_rule(opts)))
     else:
         keep = list(range(n_slices))
-    if stats is not None:
-        stats.setdefault("skipped", Counter())[f"empty (foreground < {opts.min_foreground:g})"] += (
-            n_slices - len(keep)
-        )
-        stats.setdefault("modalities", Counter())[modality] += 1
-        stats.setdefault("warnings", []).extend(warnings)
-    prefix = nifti_stem(paths[0]) if id_prefix is None else id_prefix
-    size = _plane_size(geometry, axis, opts)
-    base = {
-        "image": paths[0],
-        "axis": axis,
-        "range": [tuple(r) for r in ranges],
-        "shape": geometry.shape,
-        "size": size,
+    scan = {
         "modality": modality,
+        "ranges": [[float(lo), float(hi)] for lo, hi in ranges],
+        "axis": int(axis),
+        "n_slices": int(n_slices),
+        "keep": [int(k) for k in keep],
+        "shape": [int(v) for v in geometry.shape],
+        "size": [int(v) for v in _plane_size(geometry, axis, opts)],
+        "warnings": warnings,
     }
-    if len(paths) > 1:
-        base["channels"] = paths
-    return [{**base, "slice": k, "id": f"{prefix}_{_AXIS_NAMES[axis]}{k:03d}"} for k in keep]
+    if cache is not None:
+        cache.store_json(key, scan)
+    return scan
 
 
 def _rule(opts: SliceOptions) -> dict:
@@ -525,7 +683,13 @@ def _take_slice(volume: np.ndarray, axis: int, index: int, path: str | os.PathLi
         raise DataError(
             path, f"no slice {index} along axis {axis} in a volume of shape {tuple(volume.shape[:3])}"
         )
-    return volume.take(index, axis=axis)
+    return _plane(volume, axis, index)
+
+
+def _plane(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """``volume.take(index, axis)`` as a view: ``take`` copies a non-contiguous (reoriented, memory-mapped) volume
+    whole before picking one slice."""
+    return volume[(slice(None),) * axis + (index,)]
 
 
 def _ranges_of(item: dict) -> list[tuple[float, float]]:
@@ -578,7 +742,7 @@ def load_label_slice(item: dict, opts: SliceOptions, path: str | os.PathLike | N
         >>> mask = load_label_slice(items[12], opts)
     """
     path = str(path or item["label"])
-    labels, geometry = _cached_label(path, _stat(path), opts.orientation)
+    labels, geometry = _label(path, opts)
     _, image_geometry = _image(_item_paths(item), opts)
     if geometry.shape != image_geometry.shape:
         raise DataError(
@@ -592,7 +756,7 @@ def load_label_slice(item: dict, opts: SliceOptions, path: str | os.PathLike | N
             f"label affine differs from the affine of {item['image']} by {gap:.4g} mm "
             f"(tolerance data.affine_tolerance={opts.affine_tolerance:g})",
         )
-    plane = _take_slice(labels, item["axis"], item["slice"], path)
+    plane = np.asarray(_take_slice(labels, item["axis"], item["slice"], path), dtype=np.int32)
     size = item.get("size") or _plane_size(geometry, item["axis"], opts)
     return resample_plane(plane, tuple(size), labels=True).astype(np.int64)
 
@@ -638,7 +802,7 @@ def volume_slices(path: str | os.PathLike | Sequence[str], opts: SliceOptions) -
         >>> labels = labels_to_volume([predict(im) for im in vs.images], vs)    # stored grid and orientation
     """
     paths = [str(p) for p in path] if isinstance(path, (list, tuple)) else [str(path)]
-    canonical, geometry = _image(paths, opts)
+    canonical, geometry = _image(paths, opts, write=False)
     modality, ranges = _file_ranges(paths[0], canonical, opts)
     axis = slice_axis(geometry.canonical_shape, opts.axis)
     size = _plane_size(geometry, axis, opts)

@@ -7,6 +7,13 @@ the original size, and the arg-max is compared with the original mask. Validatio
 same function, so ``evaluate`` on a finished run reproduces its ``results.json``. Saved predictions are these
 original-size arg-max masks.
 
+NIfTI cases are also scored as volumes: the predicted slices of each case go back to its stored voxel grid and
+per-case 3D Dice, IoU and HD95 per class (MONAI's metrics, HD95 in mm from the voxel spacing) are written to
+``per_case_<split>.csv`` (see :mod:`decon_med.engine.volume_metrics`); their means over the cases are in
+``metrics_<split>.json`` under ``per_case``. Saved predictions of NIfTI cases are ``<case>_seg.nii.gz`` volumes on
+the original grid, with the image's affine and header. ``all_cases`` scores every case of the data folder (all
+splits together, as split ``all``), for an external data set.
+
 Example:
     >>> metrics = evaluate("runs/finetune/isic", split="test", save_predictions=True)
     >>> round(metrics["mIoU"], 3)
@@ -33,14 +40,19 @@ from tqdm.auto import tqdm
 
 from decon_med.config import FinetuneConfig
 from decon_med.data.datasets import build_dataset, collate_eval
-from decon_med.data.layouts import get_layout
+from decon_med.data.layouts import SPLITS as LAYOUT_SPLITS
+from decon_med.data.layouts import get_layout, slice_options
 from decon_med.engine.checkpoint import check_finite_state
 from decon_med.engine.loop import autocast
 from decon_med.engine.model_io import load_segmentation_model, resolve_checkpoint
-from decon_med.errors import ConfigError, DeconError
+from decon_med.engine.volume_metrics import VolumeCases, mean_scores, write_case_csv
+from decon_med.errors import ConfigError, DataError, DeconError
 from decon_med.metrics import ConfusionMatrix
 
 SPLITS = ("train", "val", "test")
+
+#: Split name of ``evaluate(..., all_cases=True)``: every case of the data folder.
+ALL = "all"
 
 
 def eval_batch_size(cfg: FinetuneConfig) -> int:
@@ -77,9 +89,9 @@ def class_names(cfg: FinetuneConfig, classes: int) -> list[str]:
     return [str(n) for n in names] if len(names) == classes else [str(i) for i in range(classes)]
 
 
-def eval_loader(cfg: FinetuneConfig, split: str) -> DataLoader:
-    """Deterministic loader over a labelled split in ``eval`` mode (no shuffling, every image once)."""
-    dataset = build_dataset(cfg, split, "eval", full_labels=True)
+def eval_loader(cfg: FinetuneConfig, split: str, items: list[dict] | None = None) -> DataLoader:
+    """Deterministic loader over a labelled split (or ``items``) in ``eval`` mode (no shuffling, every image once)."""
+    dataset = build_dataset(cfg, split, "eval", items=items, full_labels=True)
     return DataLoader(
         dataset,
         batch_size=eval_batch_size(cfg),
@@ -99,6 +111,8 @@ def evaluate_network(
     classes: int,
     predictions: Path | None = None,
     progress: bool = False,
+    items: list[dict] | None = None,
+    per_case: bool = False,
 ) -> dict[str, Any]:
     """Scores of ``network`` over every image of ``split`` (see :func:`decon_med.metrics.segmentation_metrics`).
 
@@ -110,19 +124,26 @@ def evaluate_network(
         cfg: the fine-tuning config (data, image size, amp).
         split: ``val``, ``test`` or ``train``.
         classes: output classes of the network.
-        predictions: write one PNG of class indices per image here, at the original image size.
+        predictions: write one PNG of class indices per 2D image here, at the original image size, and one
+            ``<case>_seg.nii.gz`` per NIfTI case on its original voxel grid.
         progress: show a progress bar.
+        items: score these items instead of listing ``split``.
+        per_case: also score each NIfTI case as a volume; the rows are returned under ``"cases"``.
     """
     device = next(network.parameters()).device
     names = class_names(cfg, classes)
     matrix = ConfusionMatrix(classes, ignore_index=255, device=device)
     save = _prediction_writer(predictions) if predictions is not None else None
+    loader = eval_loader(cfg, split, items)
+    cases = None
+    if per_case or predictions is not None:
+        cases = VolumeCases(
+            loader.dataset.data, loader.dataset.layout, slice_options(cfg.data), names, per_case, predictions
+        )
     was_training = network.training
     network.eval()
     try:
-        for batch in tqdm(
-            eval_loader(cfg, split), disable=not progress, desc=split, unit="batch", leave=False
-        ):
+        for batch in tqdm(loader, disable=not progress, desc=split, unit="batch", leave=False):
             images = batch["image"].to(device, non_blocking=True)
             logits = predict_logits(network, images, cfg.train.amp)
             for index, (sample_id, label) in enumerate(zip(batch["id"], batch["label_full"], strict=True)):
@@ -131,11 +152,18 @@ def evaluate_network(
                 )
                 prediction = full.argmax(1)
                 matrix.update(prediction, label.to(device, non_blocking=True)[None])
-                if save is not None:
+                if cases is not None and cases.handles(sample_id):
+                    cases.add(sample_id, prediction[0].to(torch.uint8).cpu().numpy())
+                elif save is not None:
                     save(sample_id, prediction[0])
     finally:
         network.train(was_training)
-    return matrix.compute(class_names=names)
+    metrics = matrix.compute(class_names=names)
+    if cases is not None:
+        rows = cases.finish()
+        if per_case:
+            metrics["cases"] = rows
+    return metrics
 
 
 def evaluate(
@@ -146,12 +174,14 @@ def evaluate(
     progress: bool = True,
     data_root: str | None = None,
     num_workers: int | None = None,
+    all_cases: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a fine-tuning run folder (its ``best.ckpt``, else ``last.ckpt``) or checkpoint on a split.
 
-    Prints a per-class table and writes ``metrics_<split>.json`` (and with ``save_predictions`` the folder
-    ``predictions_<split>/`` of ``<id>.png`` class-index masks at the original image sizes) next to the
-    checkpoint, or into ``out``.
+    Prints a short run summary, a per-class table and, for NIfTI cases, the per-case means; writes
+    ``metrics_<split>.json`` (and ``per_case_<split>.csv`` for NIfTI cases; with ``save_predictions`` the folder
+    ``predictions_<split>/`` of ``<id>.png`` class-index masks at the original image sizes and
+    ``<case>_seg.nii.gz`` volumes on the original voxel grids) next to the checkpoint, or into ``out``.
 
     Args:
         path: run folder or ``.ckpt`` file written by ``decon-med finetune``.
@@ -161,10 +191,12 @@ def evaluate(
         progress: show a progress bar.
         data_root: read the data from here instead of the checkpoint config's ``data.root``.
         num_workers: DataLoader workers instead of the config's ``data.num_workers``.
+        all_cases: score every case of the data folder (every split, no slice skipped) as split ``all``
+            instead of ``split``: for an external data set.
 
     Returns:
         The scores (``mIoU``, ``mDice``, ``aAcc``, ``mAcc``, per-class ``IoU`` / ``Dice`` / ``Acc``,
-        ``n_pixels``).
+        ``n_pixels``; ``per_case`` means for NIfTI cases).
 
     Raises:
         DataError: the checkpoint or the data is missing or unreadable.
@@ -173,21 +205,46 @@ def evaluate(
     Example:
         >>> evaluate("runs/finetune/isic/best.ckpt", split="val", data_root="/data/isic2017")["mDice"]
         0.873
+        >>> evaluate("runs/finetune/ct", data_root="/data/other_site", all_cases=True)["per_case"]["n_cases"]
+        40
     """
     if split not in SPLITS:
         raise DeconError(f"unknown split '{split}'; expected one of {', '.join(SPLITS)}")
     checkpoint = resolve_checkpoint(path)
     network, cfg, state = load_segmentation_model(checkpoint)
     check_finite_state(state["network"], checkpoint)
+    trained_on = cfg.data.root
     if data_root is not None:
         cfg.data.root = str(data_root)
     if num_workers is not None:
         cfg.data.num_workers = num_workers
+    if (
+        not all_cases
+        and Path(cfg.data.root).expanduser().resolve() != Path(trained_on).expanduser().resolve()
+    ):
+        print(f"note: scoring the {split} split of {cfg.data.root} only; --all scores every case of it")
+    if all_cases:
+        split, items = ALL, all_items(cfg)
+    else:
+        items = get_layout(cfg.data).items(split)
+    from decon_med.summary import print_summary
+
+    print_summary("evaluate", cfg, {split: items}, steps=f"checkpoint iteration {int(state.get('step', 0))}")
     network.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     folder = Path(out) if out is not None else checkpoint.parent
     predictions = folder / f"predictions_{split}" if save_predictions else None
     classes = int(state["network_meta"]["classes"])
-    metrics = evaluate_network(network, cfg, split, classes, predictions=predictions, progress=progress)
+    metrics = evaluate_network(
+        network, cfg, split, classes, predictions=predictions, progress=progress, items=items, per_case=True
+    )
+    rows = metrics.pop("cases")
+    if rows:
+        write_case_csv(folder / f"per_case_{split}.csv", rows)
+        metrics["per_case"] = {
+            "n_cases": len(rows),
+            "csv": f"per_case_{split}.csv",
+            "mean": mean_scores(rows),
+        }
     record = {
         "checkpoint": str(checkpoint),
         "split": split,
@@ -198,7 +255,52 @@ def evaluate(
     write_json(folder / f"metrics_{split}.json", record)
     print(f"{checkpoint} on {split} (iteration {record['iter']}):")
     print(format_table(metrics))
+    if rows:
+        print(format_case_means(metrics["per_case"]))
     return metrics
+
+
+def all_items(cfg: FinetuneConfig) -> list[dict]:
+    """Every labelled item of the data folder, every split together, no slice skipped (``cfg`` is changed).
+
+    The random hold-out and folds are switched off (``val_fraction`` / ``test_fraction`` 0, ``fold`` null), so
+    a folder without fixed splits lists every case as training data; fixed splits (``splits.json``, nnU-Net
+    ``imagesTs``) are read as they are and joined.
+
+    Raises:
+        DataError: the folder holds no labelled image.
+    """
+    cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.fold = 0.0, 0.0, None
+    cfg.data.skip_empty = "pretrain"  # labelled slices are never skipped
+    layout = get_layout(cfg.data)
+    found: dict[str, dict] = {}
+    for split in LAYOUT_SPLITS:
+        for item in layout.items(split):
+            found.setdefault(item["id"], item)
+    if not found:
+        raise DataError(layout.root, "no labelled images or volumes found")
+    return [found[key] for key in sorted(found)]
+
+
+def format_case_means(per_case: dict[str, Any]) -> str:
+    """One line per foreground class: mean Dice / IoU (percent) and HD95 (mm) over the cases.
+
+    Example:
+        >>> print(format_case_means({"n_cases": 2, "mean": {"dice_liver": 0.9, "iou_liver": 0.82, "hd95_liver": 3.1}}))
+        per case (2 cases, mean): liver Dice 90.00 IoU 82.00 HD95 3.10 mm
+    """
+    mean = per_case["mean"]
+    names = [key.split("_", 1)[1] for key in mean if key.startswith("dice_")]
+    parts = [
+        f"{name} Dice {_percent(mean[f'dice_{name}'])} IoU {_percent(mean[f'iou_{name}'])} "
+        f"HD95 {_mm(mean[f'hd95_{name}'])}"
+        for name in names
+    ]
+    return f"per case ({per_case['n_cases']} cases, mean): " + "; ".join(parts)
+
+
+def _mm(value: float) -> str:
+    return "nan" if value is None or math.isnan(value) else f"{value:.2f} mm"
 
 
 def format_table(metrics: dict[str, Any]) -> str:

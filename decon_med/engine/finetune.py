@@ -68,6 +68,7 @@ from decon_med.engine.run_folder import prepare_run_folder, resume_is_noop
 from decon_med.engine.transfer import format_report, load_init
 from decon_med.errors import DataError, DeconError, find_error
 from decon_med.models.network import build_network
+from decon_med.summary import print_summary
 
 #: Target value of pixels the cross-entropy loss and the metrics skip.
 IGNORE_INDEX = 255
@@ -109,6 +110,7 @@ def finetune(
     overwrite: bool = False,
     progress: bool = True,
     max_iters: int | None = None,
+    summary: bool | None = None,
 ) -> Path:
     """Fine-tune ``cfg.model`` initialised from ``cfg.init`` on a fraction of the training images, then test.
 
@@ -119,6 +121,7 @@ def finetune(
         progress: show progress bars.
         max_iters: stop after this many iterations in total (the schedule still spans ``train.iters``); the run
             stays unfinished and can be resumed.
+        summary: print the run summary (:mod:`decon_med.summary`) at start; default: with ``progress``.
 
     Returns:
         The run folder.
@@ -142,6 +145,11 @@ def finetune(
     all_train = get_layout(cfg.data).items("train")
     subset = split_fraction(all_train, cfg.fraction, cfg.seed)
     dataset = build_dataset(cfg, "train", "train", items=subset)
+    if (progress if summary is None else summary) and distributed.is_main_process():
+        layout = get_layout(cfg.data)
+        splits = {"train": subset, **{split: layout.items(split) for split in ("val", "test")}}
+        stop = cfg.train.iters if max_iters is None else min(cfg.train.iters, max_iters)
+        print_summary("finetune", cfg, splits, steps=f"{stop} of {cfg.train.iters} iterations")
     network, report = _initial_network(cfg, classes, fresh=checkpoint is None)
     run = _Run(cfg, paths, network, classes, dataset, checkpoint, max_iters)
     if distributed.is_main_process():

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +37,23 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+from nibabel import orientations
 from PIL import Image
+from scipy import ndimage
 from torch import nn
 from tqdm.auto import tqdm
 
 from decon_med.config import FinetuneConfig
+from decon_med.data.geometry import resample_plane
 from decon_med.data.io import file_stem, is_image, is_nifti, read_image
 from decon_med.data.layouts import slice_options
-from decon_med.data.transforms import SegEvalTransform
-from decon_med.data.volumes import labels_to_volume, volume_slices, write_volume
+from decon_med.data.transforms import SegEvalTransform, augmentation_modality
+from decon_med.data.volumes import VolumeSlices, labels_to_volume, scan_volume, volume_slices, write_volume
 from decon_med.engine.checkpoint import check_finite_state
 from decon_med.engine.model_io import load_segmentation_model, resolve_checkpoint
 from decon_med.errors import DataError, DeconError
+from decon_med.summary import print_summary
 
 #: Overlay colour of each class index (RGB); index 0 (background) is left transparent. Cycled past the end.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -76,27 +81,53 @@ MAX_LISTED = 3
 class Predictor:
     """A fine-tuned network with its evaluation preprocessing, predicting class-index masks.
 
+    ``mode="sliding"`` (default) predicts at the native resolution of each image or square-pixel slice with
+    MONAI's ``sliding_window_inference``: windows of the training ``data.image_size`` (overlap ``overlap``,
+    Gaussian blending); an input smaller than a window is padded, so every forward pass sees
+    ``image_size x image_size``. ``mode="resize"`` resizes each whole input to ``image_size`` and the logits back,
+    exactly as ``evaluate`` scores, for a model trained on whole images much larger than ``image_size``.
+
     Args:
         network: the smp network (put in eval mode and moved to ``device``).
         cfg: the fine-tuning config it was trained with.
         device: ``"cuda"`` / ``"cpu"``; default CUDA when available.
-        batch_size: slices per forward pass in :meth:`predict_volume` and images in :meth:`predict_images`.
+        batch_size: windows (sliding) or images / slices (resize) per forward pass.
+        mode: ``sliding`` or ``resize``.
+        tta: average the softmax over the input and its horizontal and vertical flips.
+        largest_component: keep only the largest connected component of each foreground class (in 3D for a
+            volume), see :func:`largest_components`.
+        overlap: sliding-window overlap, in [0, 1).
 
     Example:
         >>> net, cfg, _ = load_segmentation_model("runs/finetune/isic")
-        >>> masks = Predictor(net, cfg).predict_images([read_image("a.png", 3)])   # [(H, W) uint8]
+        >>> masks = Predictor(net, cfg, tta=True).predict_images([read_image("a.png", 3)])   # [(H, W) uint8]
     """
 
     def __init__(
-        self, network: nn.Module, cfg: FinetuneConfig, device: str | None = None, batch_size: int = 8
+        self,
+        network: nn.Module,
+        cfg: FinetuneConfig,
+        device: str | None = None,
+        batch_size: int = 8,
+        mode: str = "sliding",
+        tta: bool = False,
+        largest_component: bool = False,
+        overlap: float = 0.25,
     ):
         if batch_size < 1:
             raise DeconError(f"batch size must be >= 1, got {batch_size}")
+        if mode not in MODES:
+            raise DeconError(f"inference mode must be one of {', '.join(MODES)}, got '{mode}'")
+        if not 0.0 <= overlap < 1.0:
+            raise DeconError(f"sliding-window overlap must be in [0, 1), got {overlap}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.network = network.to(self.device).eval()
         self.cfg = cfg
         self.batch_size = batch_size
-        self.transform = SegEvalTransform(cfg.data.image_size, cfg.data.modality, cfg.data.in_channels)
+        self.mode, self.tta, self.largest_component, self.overlap = mode, tta, largest_component, overlap
+        self.transform = SegEvalTransform(
+            cfg.data.image_size, augmentation_modality(cfg.data.modality), cfg.data.in_channels
+        )
         self.slice_opts = slice_options(cfg.data)
         self.amp = self.device.type == "cuda" and cfg.train.amp != "none"
 
@@ -109,33 +140,144 @@ class Predictor:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.network(batch).float()
+
+    def _native(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Normalised ``(B, C, H, W)`` tensor of same-size HWC images, at their own resolution."""
+        mean = torch.as_tensor(self.transform.mean).view(1, -1, 1, 1)
+        std = torch.as_tensor(self.transform.std).view(1, -1, 1, 1)
+        batch = torch.stack([torch.from_numpy(_channels(im, self.cfg.data.in_channels)) for im in images])
+        return ((batch.permute(0, 3, 1, 2) - mean) / std).to(self.device)
+
+    def _probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Softmax ``(B, K, H, W)`` of a native-resolution batch: sliding windows, flips averaged with TTA."""
+        size = self.cfg.data.image_size
+
+        def infer(x: torch.Tensor) -> torch.Tensor:
+            logits = sliding_window_inference(
+                x, (size, size), self.batch_size, self._forward, overlap=self.overlap, mode="gaussian"
+            )
+            return torch.softmax(logits, dim=1)
+
+        return _with_flips(infer, batch, self.tta)
+
     def label_maps(self, samples: Sequence[dict[str, Any]]) -> list[np.ndarray]:
-        """One forward pass over preprocessed ``samples``; each mask is uint8 ``(H, W)`` at its ``orig_size``."""
+        """Resize mode: one forward pass over preprocessed ``samples``; uint8 ``(H, W)`` masks at ``orig_size``."""
         batch = torch.stack([s["image"] for s in samples]).to(self.device)
-        with torch.inference_mode(), self._autocast():
-            logits = self.network(batch)
+        with torch.inference_mode():  # logits without TTA: exactly the arg-max evaluate scores
+            probs = (
+                _with_flips(lambda x: torch.softmax(self._forward(x), dim=1), batch, True)
+                if self.tta
+                else self._forward(batch)
+            )
         masks = []
         for k, sample in enumerate(samples):
             up = F.interpolate(
-                logits[k : k + 1].float(),
-                size=tuple(sample["orig_size"]),
-                mode="bilinear",
-                align_corners=False,
+                probs[k : k + 1], size=tuple(sample["orig_size"]), mode="bilinear", align_corners=False
             )
             masks.append(up[0].argmax(0).to(torch.uint8).cpu().numpy())
         return masks
 
-    def predict_images(self, images: Iterable[np.ndarray]) -> list[np.ndarray]:
-        """Masks of HWC float images in [0, 1], in ``batch_size`` chunks (images are preprocessed lazily)."""
-        masks: list[np.ndarray] = []
-        for chunk in _chunks(images, self.batch_size):
-            masks.extend(self.label_maps([self.preprocess(image) for image in chunk]))
+    def _masks(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Masks of images, without the connected-component step."""
+        if self.mode == "resize":
+            masks: list[np.ndarray] = []
+            for chunk in _chunks(images, self.batch_size):
+                masks.extend(self.label_maps([self.preprocess(image) for image in chunk]))
+            return masks
+        masks = []
+        for group in _same_size_runs(images, self.batch_size):
+            with torch.inference_mode():
+                probs = self._probabilities(self._native(group))
+            masks.extend(probs.argmax(1).to(torch.uint8).cpu().numpy())
         return masks
+
+    def predict_images(self, images: Iterable[np.ndarray]) -> list[np.ndarray]:
+        """uint8 ``(H, W)`` masks of HWC float images in [0, 1], each at its input size."""
+        masks = self._masks(list(images))
+        return [self.clean(mask) for mask in masks]
+
+    def clean(self, labels: np.ndarray) -> np.ndarray:
+        """``labels`` with only the largest connected component of each foreground class when asked for."""
+        if not self.largest_component:
+            return labels
+        return largest_components(labels, self.classes)
+
+    @property
+    def classes(self) -> int:
+        """Output classes of the network (background included): the channels of its last convolution."""
+        head = [m for m in self.network.modules() if isinstance(m, nn.Conv2d)][-1]
+        return int(head.out_channels)
+
+    def predict_slices(self, path: str | os.PathLike) -> tuple[VolumeSlices, list[np.ndarray]]:
+        """A NIfTI file's slices (see :func:`~decon_med.data.volumes.volume_slices`) and their masks."""
+        slices = volume_slices(path, self.slice_opts)
+        return slices, self._masks(slices.images)
 
     def predict_volume(self, path: str | os.PathLike) -> np.ndarray:
         """uint8 labels of a NIfTI file on its stored voxel grid (stored shape and orientation, same affine)."""
-        slices = volume_slices(path, self.slice_opts)
-        return labels_to_volume(self.predict_images(slices.images), slices).astype(np.uint8)
+        slices, masks = self.predict_slices(path)
+        return self.clean(labels_to_volume(masks, slices).astype(np.uint8))
+
+
+def largest_components(labels: np.ndarray, classes: int) -> np.ndarray:
+    """Keep the largest connected component of each class ``1..classes-1`` (full connectivity); the rest -> 0.
+
+    The same result as MONAI's ``KeepLargestConnectedComponent(applied_labels, is_onehot=False,
+    independent=True)``, with ``scipy.ndimage.label`` instead of scikit-image (not a dependency).
+
+    Example:
+        >>> largest_components(np.array([[1, 1, 0, 1]]), classes=2)
+        array([[1, 1, 0, 0]])
+    """
+    out = labels.copy()
+    structure = ndimage.generate_binary_structure(labels.ndim, labels.ndim)
+    for cls in range(1, classes):
+        components, count = ndimage.label(labels == cls, structure=structure)
+        if count > 1:
+            sizes = np.bincount(components.ravel())[1:]
+            out[(components > 0) & (components != int(np.argmax(sizes)) + 1)] = 0
+    return out
+
+
+#: Inference modes of :class:`Predictor`.
+MODES = ("sliding", "resize")
+
+
+def _channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """HWC float32 with ``channels`` channels (greyscale replicated, colour averaged), as in evaluation."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.shape[2] == channels:
+        return np.ascontiguousarray(image)
+    if image.shape[2] == 1:
+        return np.ascontiguousarray(np.repeat(image, channels, axis=2))
+    return np.ascontiguousarray(image.mean(axis=2, keepdims=True))
+
+
+def _with_flips(
+    infer: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, tta: bool
+) -> torch.Tensor:
+    """``infer(batch)``, or with ``tta`` its mean with the horizontally and vertically flipped predictions."""
+    probs = infer(batch)
+    if not tta:
+        return probs
+    for dims in ((3,), (2,)):
+        probs = probs + torch.flip(infer(torch.flip(batch, dims)), dims)
+    return probs / 3.0
+
+
+def _same_size_runs(images: Sequence[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
+    """Consecutive images of the same height and width, at most ``size`` at a time."""
+    run: list[np.ndarray] = []
+    for image in images:
+        if run and (len(run) == size or image.shape[:2] != run[0].shape[:2]):
+            yield run
+            run = []
+        run.append(image)
+    if run:
+        yield run
 
 
 @dataclass(frozen=True)
@@ -147,7 +289,10 @@ class _Input:
 
     @property
     def overlay(self) -> Path:
-        return self.output.with_name(self.output.stem + "_overlay.png")
+        """``<stem>_overlay.png`` for a 2D image, ``<stem>_seg_overlay.png`` (a grid of slices) for a volume."""
+        name = self.output.name
+        stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+        return self.output.with_name(f"{stem}_overlay.png")
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -248,13 +393,70 @@ def _write_mask(item: _Input, mask: np.ndarray, overlay: bool) -> dict[str, str]
     return record
 
 
-def _predict_nifti(predictor: Predictor, item: _Input) -> dict[str, str]:
-    labels = predictor.predict_volume(item.path)
+def _predict_nifti(predictor: Predictor, item: _Input, overlay: bool) -> dict[str, str]:
+    slices, masks = predictor.predict_slices(item.path)
+    labels = predictor.clean(labels_to_volume(masks, slices).astype(np.uint8))
     shape = nib.load(item.path).shape
     if len(shape) == 2:  # a 2D NIfTI was read as (X, Y, 1)
         labels = labels.reshape(shape)
     write_volume(item.output, labels.astype(np.uint8), None, reference=item.path)
-    return {"path": str(item.path), "output": str(item.output)}
+    record = {"path": str(item.path), "output": str(item.output)}
+    if overlay:
+        from decon_med.viz import slice_grid
+
+        if predictor.largest_component:  # show the cleaned labels, cut the way the slices were
+            masks = volume_label_slices(labels.reshape(slices.geometry.shape), slices)
+        picked = grid_slices(masks)
+        grid = slice_grid([slices.images[k] for k in picked], [masks[k] for k in picked])
+        item.overlay.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(item.overlay)
+        record["overlay"] = str(item.overlay)
+    return record
+
+
+def volume_label_slices(labels: np.ndarray, slices: VolumeSlices) -> list[np.ndarray]:
+    """Stored-grid labels cut into the square-pixel slices of ``slices`` (the inverse of ``labels_to_volume``)."""
+    canonical = orientations.apply_orientation(labels, slices.geometry.ornt)
+    return [
+        resample_plane(
+            np.ascontiguousarray(canonical.take(k, axis=slices.axis)), image.shape[:2], labels=True
+        )
+        for k, image in enumerate(slices.images)
+    ]
+
+
+#: Most slices drawn in a volume's overlay grid.
+GRID_SLICES = 12
+
+
+def grid_slices(masks: Sequence[np.ndarray], n: int = GRID_SLICES) -> list[int]:
+    """Up to ``n`` evenly spaced slice indices, among the slices with foreground when there are any.
+
+    Example:
+        >>> grid_slices([np.zeros((4, 4))] * 30, n=4)
+        [0, 10, 19, 29]
+    """
+    candidates = [k for k, m in enumerate(masks) if np.any(m)] or list(range(len(masks)))
+    if len(candidates) <= n:
+        return candidates
+    picks = np.linspace(0, len(candidates) - 1, n).round().astype(int)
+    return [candidates[i] for i in picks]
+
+
+def modality_warning(path: Path, cfg: FinetuneConfig, opts: Any) -> str | None:
+    """A one-line warning when a volume's intensities say another modality than the training data's.
+
+    The file's modality is decided from its intensities (``auto``, :mod:`decon_med.data.intensity`) and compared
+    with the run's declared ``data.modality``; ``auto`` and per-file mappings are not compared. A model trained
+    on ``rgb`` photographs always warns on a volume.
+    """
+    trained = cfg.data.modality
+    if not isinstance(trained, str) or trained == "auto":
+        return None
+    found = scan_volume(path, replace(opts, modality="auto"), skip_empty=False)[0]["modality"]
+    if trained == found or (trained == "gray" and found == "mr"):
+        return None
+    return f"{path}: looks like {found} but the model was trained on {trained} data (data.modality)"
 
 
 def _nothing_predicted(inputs: Path, skipped: list[dict[str, str]]) -> DeconError:
@@ -271,30 +473,40 @@ def predict(
     batch_size: int = 8,
     progress: bool = True,
     overwrite: bool = False,
+    mode: str = "sliding",
+    tta: bool = False,
+    largest_component: bool = False,
+    summary: bool | None = None,
 ) -> dict[str, Any]:
     """Predict masks for one image / volume or for every image and volume below a folder.
 
-    Unreadable inputs are skipped and reported; the others are still predicted. 2D images are batched together
-    (``batch_size`` per forward pass), volumes are predicted in ``batch_size`` slices at a time.
+    Unreadable inputs are skipped and reported; the others are still predicted.
 
     Args:
         checkpoint: a fine-tuning run folder or ``.ckpt`` file.
         inputs: an image / NIfTI file, or a folder searched recursively.
         out_dir: output folder; must be empty or new unless ``overwrite`` (which replaces same-named files only).
-        overlay: also write ``<stem>_overlay.png`` for 2D images.
-        batch_size: images or slices per forward pass.
+        overlay: also write ``<stem>_overlay.png`` for 2D images and a grid of overlaid slices
+            ``<stem>_seg_overlay.png`` for volumes.
+        batch_size: windows (sliding) or images / slices (resize) per forward pass.
         progress: show a progress bar over the inputs.
         overwrite: allow writing into a non-empty ``out_dir``.
+        mode: ``sliding`` (native resolution, windows of the training image size) or ``resize`` (see
+            :class:`Predictor`).
+        tta: average over horizontal and vertical flips.
+        largest_component: keep the largest connected component of each foreground class.
+        summary: print the run summary (:mod:`decon_med.summary`) first; default: with ``progress``.
 
     Returns:
-        ``{"predicted": [{"path", "output"[, "overlay"]}], "skipped": [{"path", "reason"}], "out": str}``.
+        ``{"predicted": [{"path", "output"[, "overlay"]}], "skipped": [{"path", "reason"}], "warnings": [str],
+        "out": str}``; ``warnings`` name the volumes whose modality differs from the training data's.
 
     Raises:
         DeconError: missing input, bad checkpoint, non-empty ``out_dir`` without ``overwrite``, or no input
             could be predicted (the message lists the reasons).
 
     Example:
-        >>> predict("runs/finetune/brain/best.ckpt", "scans/sub-01_T1w.nii.gz", "pred")["predicted"]
+        >>> predict("runs/finetune/brain/best.ckpt", "scans/sub-01_T1w.nii.gz", "pred", tta=True)["predicted"]
         [{'path': 'scans/sub-01_T1w.nii.gz', 'output': 'pred/sub-01_T1w_seg.nii.gz'}]
     """
     inputs, out = Path(inputs), Path(out_dir)
@@ -302,39 +514,56 @@ def predict(
     _prepare_out(out, overwrite)
     network, cfg, state = load_segmentation_model(checkpoint)
     check_finite_state(state["network"], resolve_checkpoint(checkpoint))
-    predictor = Predictor(network, cfg, batch_size=batch_size)
+    predictor = Predictor(
+        network, cfg, batch_size=batch_size, mode=mode, tta=tta, largest_component=largest_component
+    )
     planned, skipped = _plan(files, inputs, out)
+    if progress if summary is None else summary:
+        print_summary("predict", cfg, {"input": _input_counts(planned)}, method=_describe(predictor))
     out.mkdir(parents=True, exist_ok=True)
 
     predicted: list[dict[str, str]] = []
-    pending: list[tuple[_Input, dict[str, Any]]] = []
-
-    def flush() -> None:
-        masks = predictor.label_maps([sample for _, sample in pending])
-        predicted.extend(
-            _write_mask(item, mask, overlay) for (item, _), mask in zip(pending, masks, strict=True)
-        )
-        pending.clear()
-
+    warnings: list[str] = []
     for item in tqdm(planned, desc="predict", unit="file", disable=not progress, leave=False):
         try:
             if is_nifti(item.path):
-                predicted.append(_predict_nifti(predictor, item))
+                warning = modality_warning(item.path, cfg, predictor.slice_opts)
+                if warning is not None:
+                    warnings.append(warning)
+                predicted.append(_predict_nifti(predictor, item, overlay))
                 continue
             image = read_image(item.path, cfg.data.in_channels)
         except DataError as exc:
             skipped.append({"path": str(item.path), "reason": exc.problem})
             continue
-        pending.append((item, predictor.preprocess(image)))
-        if len(pending) == batch_size:
-            flush()
-    if pending:
-        flush()
+        mask = predictor.predict_images([image])[0]
+        predicted.append(_write_mask(item, mask, overlay))
 
     if not predicted:
         raise _nothing_predicted(inputs, skipped)
     return {
         "predicted": sorted(predicted, key=lambda r: r["path"]),
         "skipped": sorted(skipped, key=lambda r: r["path"]),
+        "warnings": warnings,
         "out": str(out),
     }
+
+
+def _input_counts(planned: Sequence[_Input]) -> dict[str, int | None]:
+    volumes = sum(is_nifti(item.path) for item in planned)
+    return {"files": len(planned) - volumes, "volumes": volumes, "slices": None}
+
+
+def _describe(predictor: Predictor) -> str:
+    size = predictor.cfg.data.image_size
+    how = (
+        f"sliding windows of {size} px at native resolution (overlap {predictor.overlap:g})"
+        if predictor.mode == "sliding"
+        else f"whole inputs resized to {size} px"
+    )
+    extras = [
+        name
+        for name, on in (("flip TTA", predictor.tta), ("largest component", predictor.largest_component))
+        if on
+    ]
+    return how + "".join(f", {e}" for e in extras)

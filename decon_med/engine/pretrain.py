@@ -59,6 +59,7 @@ from decon_med.engine.run_folder import (  # noqa: F401  (check_resumable, RESUM
 from decon_med.errors import DeconError
 from decon_med.models.network import set_checkpointing
 from decon_med.ssl.health import ENTROPY_SIGNAL, STD_SIGNAL, HealthWatchdog
+from decon_med.summary import print_summary
 
 if TYPE_CHECKING:
     from decon_med.ssl.base import SSLMethod
@@ -135,6 +136,7 @@ def pretrain(
     method: SSLMethod | None = None,
     progress: bool = True,
     max_steps: int | None = None,
+    summary: bool | None = None,
 ) -> Path:
     """Pre-train ``method`` (default ``decon_med.ssl.build_method(cfg)``) on the training images of ``cfg``.
 
@@ -146,6 +148,7 @@ def pretrain(
         progress: show a progress bar.
         max_steps: stop after this many optimiser steps in total (the schedules still span ``train.epochs``);
             the run stays unfinished and can be resumed.
+        summary: print the run summary (:mod:`decon_med.summary`) at start; default: with ``progress``.
 
     Returns:
         The run folder.
@@ -164,6 +167,13 @@ def pretrain(
     checkpoint = prepare_run_folder(paths, cfg, resume=resume, overwrite=overwrite)
     dataset = build_dataset(cfg, "train", "pretrain")
     plan = make_plan(cfg, len(dataset), max_steps)
+    if (progress if summary is None else summary) and distributed.is_main_process():
+        print_summary(
+            "pretrain",
+            cfg,
+            {"train": dataset.data},
+            steps=f"{plan.stop_step} of {plan.total_steps} ({cfg.train.epochs} epochs x {plan.steps_per_epoch})",
+        )
     if checkpoint is None:
         seed_everything(cfg.seed)
     if method is None:

@@ -46,6 +46,7 @@ RUN_ENTRIES: tuple[str, ...] = (
     "train_ids.json",
     "metrics_*.json",
     "metrics_*.csv",
+    "per_case_*.csv",
     "predictions_*",
     "health*",
 )

@@ -293,7 +293,9 @@ def _recompute_contexts(module: nn.Module) -> tuple[contextlib.AbstractContextMa
 def _keep_running_stats(module: nn.Module) -> Iterator[None]:
     """BatchNorm layers in train mode update their running statistics on every call; the recomputation is a
     second call of the same batch, so the statistics the forward pass left are put back after it."""
-    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    norms = [
+        m for m in module.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
+    ]
     kept = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
     try:
         yield

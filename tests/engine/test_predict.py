@@ -16,7 +16,7 @@ from decon_med.data.transforms import SegEvalTransform
 from decon_med.data.volumes import labels_to_volume, volume_slices
 from decon_med.engine.checkpoint import save_checkpoint
 from decon_med.engine.model_io import load_segmentation_model, segmentation_state
-from decon_med.engine.predict import predict
+from decon_med.engine.predict import Predictor, predict
 from decon_med.errors import DeconError
 from decon_med.models.network import build_network
 
@@ -81,7 +81,7 @@ def _direct(ckpt: Path, images: list[np.ndarray]) -> list[np.ndarray]:
 def test_png_masks_match_direct_forward_at_original_size(rgb_ckpt, tmp_path):
     a = _png(tmp_path / "in" / "a.png", 70, 90, seed=1)
     b = _png(tmp_path / "in" / "sub" / "b.PNG", 100, 64, seed=2)
-    summary = predict(rgb_ckpt, tmp_path / "in", tmp_path / "out", progress=False)
+    summary = predict(rgb_ckpt, tmp_path / "in", tmp_path / "out", progress=False, mode="resize")
     assert [r["path"] for r in summary["predicted"]] == [str(a), str(b)] and summary["skipped"] == []
     outputs = [tmp_path / "out" / "a.png", tmp_path / "out" / "sub" / "b.png"]
     expected = _direct(rgb_ckpt, [read_image(a, 3), read_image(b, 3)])
@@ -108,9 +108,9 @@ def test_overlay_keeps_background_pixels(rgb_ckpt, tmp_path):
 
 def test_nifti_volume_keeps_shape_affine_and_header(mr_ckpt, tmp_path):
     vol = _nifti(tmp_path / "in" / "sub-01_T1w.nii.gz", (40, 48, 6))
-    summary = predict(mr_ckpt, tmp_path / "in", tmp_path / "out", batch_size=4, progress=False)
+    summary = predict(mr_ckpt, tmp_path / "in", tmp_path / "out", batch_size=4, progress=False, mode="resize")
     out = tmp_path / "out" / "sub-01_T1w_seg.nii.gz"
-    assert summary["predicted"] == [{"path": str(vol), "output": str(out)}]
+    assert summary["predicted"] == [{"path": str(vol), "output": str(out)}] and summary["warnings"] == []
     ref, seg = nib.load(vol), nib.load(out)
     assert seg.shape == ref.shape and seg.get_data_dtype() == np.uint8
     assert np.allclose(seg.affine, ref.affine) and np.allclose(seg.header.get_zooms(), ref.header.get_zooms())
@@ -183,3 +183,89 @@ def test_cli_round_trip(rgb_ckpt, tmp_path, capsys):
     assert "skipped 1 of 2 inputs" in captured.err
     assert f"skipped {tmp_path / 'in' / 'b.png'}" in captured.err
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"a.png", "a_overlay.png"}
+
+
+class _Recorder(torch.nn.Module):
+    """The checkpoint's network, recording the shape of every batch it is called on."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(x.shape))
+        return self.network(x)
+
+
+def _predictor(ckpt: Path, **kwargs) -> tuple[Predictor, _Recorder]:
+    network, cfg, _ = load_segmentation_model(ckpt)
+    recorder = _Recorder(network)
+    return Predictor(recorder, cfg, device="cpu", **kwargs), recorder
+
+
+def _normalised(image: np.ndarray) -> torch.Tensor:
+    return ((torch.from_numpy(image).permute(2, 0, 1) - 0.449) / 0.226)[None].float()
+
+
+def test_sliding_window_runs_at_native_resolution_on_image_size_windows(mr_ckpt):
+    image = np.random.default_rng(0).random((150, 100, 1)).astype(np.float32)
+    predictor, recorder = _predictor(mr_ckpt, batch_size=2)
+    (mask,) = predictor.predict_images([image])
+    assert mask.shape == (150, 100) and mask.dtype == np.uint8
+    assert {shape[1:] for shape in recorder.shapes} == {(1, 64, 64)}
+    # MONAI's scan: ceil((150 - 64) / 48) + 1 = 3 rows x ceil((100 - 64) / 48) + 1 = 2 columns of windows
+    assert sum(shape[0] for shape in recorder.shapes) == 6
+
+
+def test_one_window_is_the_plain_forward_pass_and_tta_averages_flips(mr_ckpt):
+    image = np.random.default_rng(1).random((64, 64, 1)).astype(np.float32)
+    predictor, recorder = _predictor(mr_ckpt)
+    network = recorder.network.eval()
+    x = _normalised(image)
+    with torch.no_grad():
+        logits = network(x)
+        flips = [torch.softmax(logits, 1)] + [
+            torch.flip(torch.softmax(network(torch.flip(x, d)), 1), d) for d in ((3,), (2,))
+        ]
+    assert np.array_equal(predictor.predict_images([image])[0], logits.argmax(1)[0].numpy())
+    tta, _ = _predictor(mr_ckpt, tta=True)
+    assert np.array_equal(tta.predict_images([image])[0], (sum(flips) / 3).argmax(1)[0].numpy())
+
+
+def test_largest_component_keeps_the_biggest_blob_per_class(mr_ckpt):
+    predictor, _ = _predictor(mr_ckpt, largest_component=True)
+    labels = np.zeros((20, 20, 4), dtype=np.uint8)
+    labels[1:8, 1:8, :] = 1
+    labels[12:14, 12:14, 1:3] = 1  # smaller class-1 blob: removed
+    expected = labels.copy()
+    expected[12:14, 12:14, 1:3] = 0
+    assert np.array_equal(predictor.clean(labels), expected)
+    assert np.array_equal(_predictor(mr_ckpt)[0].clean(labels), labels)
+
+
+def test_large_nifti_keeps_shape_and_affine_with_overlay_grid(mr_ckpt, tmp_path):
+    vol = _nifti(tmp_path / "in" / "big.nii.gz", (110, 90, 3))
+    summary = predict(mr_ckpt, vol, tmp_path / "out", overlay=True, progress=False, tta=True)
+    seg = nib.load(tmp_path / "out" / "big_seg.nii.gz")
+    assert seg.shape == (110, 90, 3) and np.allclose(seg.affine, nib.load(vol).affine)
+    grid = np.asarray(Image.open(summary["predicted"][0]["overlay"]))
+    assert summary["predicted"][0]["overlay"] == str(tmp_path / "out" / "big_seg_overlay.png")
+    assert grid.ndim == 3 and grid.shape[2] == 3 and grid.shape[0] % 128 == 0 and grid.shape[1] % 128 == 0
+
+
+def test_modality_mismatch_warns_once_per_file(mr_ckpt, tmp_path, capsys):
+    ct = tmp_path / "in" / "ct.nii.gz"
+    ct.parent.mkdir(parents=True)
+    data = np.full((40, 48, 3), -1000.0, dtype=np.float32)
+    data[10:30, 10:30] = 40.0
+    nib.save(nib.Nifti1Image(data, AFFINE), ct)
+    _nifti(tmp_path / "in" / "mr.nii.gz", (40, 48, 3))
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["predict", str(mr_ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "out")])
+    assert args.func(args) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert lines == [f"warning: {ct}: looks like ct but the model was trained on mr data (data.modality)"]
+    assert captured.out.startswith("predict: isic2017 data at ")
