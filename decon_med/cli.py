@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="runs/demo", help="demo folder")
     p.add_argument(
-        "--quick", action="store_true", help="a one-minute version: 32 + 12 images, 1 epoch, 10 runs"
+        "--quick", action="store_true", help="a one-minute version: 32 + 12 images, 1 epoch, 8 runs"
     )
     p.add_argument("--n", type=int, default=128, help="number of synthetic unlabelled images")
     p.add_argument("--seed", type=int, default=0)

@@ -26,7 +26,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
         overwrite=args.overwrite,
-        mode="resize" if args.resize else "sliding",
+        mode="sliding" if args.sliding else "resize",
         tta=args.tta,
         largest_component=args.largest_component,
         summary=True,
@@ -66,13 +66,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--batch-size",
         type=int,
         default=8,
-        help="sliding windows (or, with --resize, images or slices) per pass",
+        help="images or slices (with --sliding: windows) per pass",
     )
     p.add_argument(
-        "--resize",
+        "--sliding",
         action="store_true",
-        help="resize each whole image or slice to the training image size (as evaluate does) instead of "
-        "sliding windows at native resolution; for models trained on images much larger than data.image_size",
+        help="sliding windows of the training image size at each input's native resolution (MONAI "
+        "sliding_window_inference) instead of resizing each whole image or slice to it as fine-tuning and "
+        "evaluate do; right when inputs are at the scale the network was trained at (e.g. data.spacing chosen "
+        "so that slices are about data.image_size)",
     )
     p.add_argument("--tta", action="store_true", help="average over horizontal and vertical flips")
     p.add_argument(

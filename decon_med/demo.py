@@ -10,7 +10,7 @@
 
 Everything lands in one folder (default ``runs/demo``), which the notebooks read. Re-running reuses what is
 finished. ``quick=True`` (``decon-med demo --quick``) runs the same steps in about a minute: fewer images, one
-pre-training epoch and a 10-run grid (25 / 100 % labels, one seed, 4 iterations per run).
+pre-training epoch and an 8-run grid (25 / 100 % labels, one seed, 4 iterations per run).
 
 Example:
     >>> run_demo(Path("runs/demo"))

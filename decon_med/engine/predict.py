@@ -81,11 +81,12 @@ MAX_LISTED = 3
 class Predictor:
     """A fine-tuned network with its evaluation preprocessing, predicting class-index masks.
 
-    ``mode="sliding"`` (default) predicts at the native resolution of each image or square-pixel slice with
+    ``mode="resize"`` (default) resizes each whole input to ``image_size`` and the logits back, exactly as
+    fine-tuning sees its inputs and ``evaluate`` scores them. ``mode="sliding"`` predicts at the native resolution of each image or square-pixel slice with
     MONAI's ``sliding_window_inference``: windows of the training ``data.image_size`` (overlap ``overlap``,
     Gaussian blending); an input smaller than a window is padded, so every forward pass sees
-    ``image_size x image_size``. ``mode="resize"`` resizes each whole input to ``image_size`` and the logits back,
-    exactly as ``evaluate`` scores, for a model trained on whole images much larger than ``image_size``.
+    ``image_size x image_size``: right when inputs are at the scale the network was trained at (slices resampled
+    by ``data.spacing`` to about ``image_size``), wrong for a network trained on whole slices shrunk to it.
 
     Args:
         network: the smp network (put in eval mode and moved to ``device``).
@@ -109,7 +110,7 @@ class Predictor:
         cfg: FinetuneConfig,
         device: str | None = None,
         batch_size: int = 8,
-        mode: str = "sliding",
+        mode: str = "resize",
         tta: bool = False,
         largest_component: bool = False,
         overlap: float = 0.25,
@@ -473,7 +474,7 @@ def predict(
     batch_size: int = 8,
     progress: bool = True,
     overwrite: bool = False,
-    mode: str = "sliding",
+    mode: str = "resize",
     tta: bool = False,
     largest_component: bool = False,
     summary: bool | None = None,

@@ -210,7 +210,7 @@ def _normalised(image: np.ndarray) -> torch.Tensor:
 
 def test_sliding_window_runs_at_native_resolution_on_image_size_windows(mr_ckpt):
     image = np.random.default_rng(0).random((150, 100, 1)).astype(np.float32)
-    predictor, recorder = _predictor(mr_ckpt, batch_size=2)
+    predictor, recorder = _predictor(mr_ckpt, batch_size=2, mode="sliding")
     (mask,) = predictor.predict_images([image])
     assert mask.shape == (150, 100) and mask.dtype == np.uint8
     assert {shape[1:] for shape in recorder.shapes} == {(1, 64, 64)}
@@ -220,7 +220,7 @@ def test_sliding_window_runs_at_native_resolution_on_image_size_windows(mr_ckpt)
 
 def test_one_window_is_the_plain_forward_pass_and_tta_averages_flips(mr_ckpt):
     image = np.random.default_rng(1).random((64, 64, 1)).astype(np.float32)
-    predictor, recorder = _predictor(mr_ckpt)
+    predictor, recorder = _predictor(mr_ckpt, mode="sliding")
     network = recorder.network.eval()
     x = _normalised(image)
     with torch.no_grad():
@@ -229,7 +229,7 @@ def test_one_window_is_the_plain_forward_pass_and_tta_averages_flips(mr_ckpt):
             torch.flip(torch.softmax(network(torch.flip(x, d)), 1), d) for d in ((3,), (2,))
         ]
     assert np.array_equal(predictor.predict_images([image])[0], logits.argmax(1)[0].numpy())
-    tta, _ = _predictor(mr_ckpt, tta=True)
+    tta, _ = _predictor(mr_ckpt, tta=True, mode="sliding")
     assert np.array_equal(tta.predict_images([image])[0], (sum(flips) / 3).argmax(1)[0].numpy())
 
 
@@ -246,7 +246,7 @@ def test_largest_component_keeps_the_biggest_blob_per_class(mr_ckpt):
 
 def test_large_nifti_keeps_shape_and_affine_with_overlay_grid(mr_ckpt, tmp_path):
     vol = _nifti(tmp_path / "in" / "big.nii.gz", (110, 90, 3))
-    summary = predict(mr_ckpt, vol, tmp_path / "out", overlay=True, progress=False, tta=True)
+    summary = predict(mr_ckpt, vol, tmp_path / "out", overlay=True, progress=False, tta=True, mode="sliding")
     seg = nib.load(tmp_path / "out" / "big_seg.nii.gz")
     assert seg.shape == (110, 90, 3) and np.allclose(seg.affine, nib.load(vol).affine)
     grid = np.asarray(Image.open(summary["predicted"][0]["overlay"]))
