@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write a small synthetic dataset in an official layout")
-    p.add_argument("--kind", required=True, choices=["isic", "refuge", "folder", "nifti"])
+    p.add_argument("--kind", required=True, choices=["isic", "refuge", "folder", "nifti", "textures"])
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--n",

@@ -28,7 +28,7 @@ from scipy.ndimage import gaussian_filter
 
 from decon_med.folders import OwnedFolder
 
-SYNTH_KINDS: tuple[str, ...] = ("isic", "refuge", "folder", "nifti")
+SYNTH_KINDS: tuple[str, ...] = ("isic", "refuge", "folder", "nifti", "textures")
 
 __all__ = ["SYNTH_KINDS", "make_folder", "make_isic", "make_nifti", "make_refuge", "synthesize"]
 
@@ -56,6 +56,8 @@ SYNTH_ENTRIES: tuple[str, ...] = (
     "masks",
     "splits.json",
     "sub-*",
+    "unlabeled",
+    "labeled",
 )
 
 
@@ -703,9 +705,10 @@ def synthesize(
     the other formats.
 
     Args:
-        kind: ``"isic"``, ``"refuge"``, ``"folder"`` or ``"nifti"``.
+        kind: ``"isic"``, ``"refuge"``, ``"folder"``, ``"nifti"`` or ``"textures"``.
         out: output folder (created if missing).
-        n: training images (isic, refuge), total images (folder) or volumes (nifti).
+        n: training images (isic, refuge), total images (folder), volumes (nifti) or unlabelled images
+            (textures, beside 48 labelled ones; see :mod:`decon_med.data.synthetic_textures`).
         seed: random seed.
         overwrite: replace a non-empty ``out`` instead of raising :class:`FileExistsError`.
 
@@ -719,11 +722,17 @@ def synthesize(
         >>> synthesize("refuge", "data/refuge", n=8)
         {'train': 8, 'val': 2, 'test': 2}
     """
+    from decon_med.data.synthetic_textures import make_textures  # it uses this module's folder helpers
+
+    def textures(out: str | Path, n: int, seed: int, overwrite: bool) -> dict[str, int]:
+        return make_textures(out, n_unlabeled=n, n_labeled=48, seed=seed, overwrite=overwrite)
+
     makers: dict[str, Callable[..., dict[str, int]]] = {
         "isic": make_isic,
         "refuge": make_refuge,
         "folder": make_folder,
         "nifti": make_nifti,
+        "textures": textures,
     }
     if kind not in makers:
         raise ValueError(f"unknown synthetic dataset kind {kind!r}; choose one of {', '.join(SYNTH_KINDS)}")

@@ -21,12 +21,13 @@ Example:
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
+
+from decon_med.data.synthetic import _prepare_out
 
 __all__ = ["CLASS_NAMES", "TEXTURE_SIZE", "make_textures", "texture_image"]
 
@@ -105,7 +106,8 @@ def make_textures(
         n_unlabeled: images without masks, for pre-training.
         n_labeled: labelled images (at least 6), split into train / val / test.
         seed: random seed; the same seed gives byte-identical files.
-        overwrite: replace a non-empty ``out`` instead of raising :class:`FileExistsError`.
+        overwrite: replace what an earlier call wrote in a non-empty ``out`` instead of raising
+            :class:`FileExistsError` (a folder holding other files is refused, as for every generator).
 
     Returns:
         Number of images per part.
@@ -114,15 +116,7 @@ def make_textures(
         raise ValueError(f"n_labeled must be at least 6, got {n_labeled}")
     if n_unlabeled < 0:
         raise ValueError(f"n_unlabeled must be >= 0, got {n_unlabeled}")
-    root = Path(out)
-    if root.exists() and not root.is_dir():
-        raise FileExistsError(f"{root} exists and is not a folder")
-    if root.is_dir() and any(root.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{root} is not empty; pass overwrite=True to replace it")
-        for part in ("unlabeled", "labeled"):  # only what this generator writes
-            if (root / part).is_dir():
-                shutil.rmtree(root / part)
+    root = _prepare_out(out, overwrite)
     (root / "unlabeled").mkdir(parents=True, exist_ok=True)
     (root / "labeled" / "images").mkdir(parents=True, exist_ok=True)
     (root / "labeled" / "masks").mkdir(parents=True, exist_ok=True)

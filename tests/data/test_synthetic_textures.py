@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from decon_med.cli import main
 from decon_med.data.synthetic_textures import TEXTURE_SIZE, make_textures, texture_image
+from decon_med.errors import DeconError
 
 
 def test_layout_counts_and_determinism(tmp_path):
@@ -14,7 +16,7 @@ def test_layout_counts_and_determinism(tmp_path):
     assert counts == {"unlabeled": 5, "train": 6, "val": 2, "test": 4}
     make_textures(tmp_path / "b", n_unlabeled=5, n_labeled=12, seed=3)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 5 + 2 * 12 + 1
+    assert len(files) == 5 + 2 * 12 + 2  # images, masks, splits.json and the folder marker
     for rel in files:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     splits = json.loads((tmp_path / "a" / "labeled" / "splits.json").read_text())
@@ -24,14 +26,22 @@ def test_layout_counts_and_determinism(tmp_path):
     assert mask.shape == (TEXTURE_SIZE, TEXTURE_SIZE) and set(np.unique(mask)) <= {0, 1, 2}
 
 
-def test_overwrite_keeps_foreign_files(tmp_path):
+def test_overwrite_replaces_only_its_own_files(tmp_path):
     make_textures(tmp_path, n_unlabeled=2, n_labeled=6)
-    (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError):
         make_textures(tmp_path, n_unlabeled=2, n_labeled=6)
     make_textures(tmp_path, n_unlabeled=3, n_labeled=6, overwrite=True)
-    assert (tmp_path / "notes.txt").read_text() == "mine"
     assert len(list((tmp_path / "unlabeled").iterdir())) == 3
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(DeconError, match="notes.txt"):
+        make_textures(tmp_path, n_unlabeled=2, n_labeled=6, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_synth_command_writes_the_texture_task(tmp_path, capsys):
+    assert main(["synth", "--kind", "textures", "--out", str(tmp_path / "t"), "--n", "4"]) == 0
+    assert "unlabeled 4" in capsys.readouterr().out
+    assert len(list((tmp_path / "t" / "labeled" / "images").iterdir())) == 48
 
 
 def test_classes_share_one_intensity_distribution():
