@@ -16,7 +16,7 @@ apart by texture and shape, equal intensity statistics, many more unlabelled tha
 Each stage reuses what an earlier call finished, so an interrupted study continues where it stopped.
 
 Usage:
-    python benchmarks/validity.py --out runs/validity                 # the study (about an hour on 2 cores)
+    python benchmarks/validity.py --out runs/validity                 # the study (under an hour on 2 cores)
     python benchmarks/validity.py --out runs/validity --dec-grid 7 14 28 0
     python benchmarks/validity.py --out /tmp/v --quick               # a two-minute smoke run of every stage
 """
@@ -41,9 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 FULL = {
     "n_unlabeled": 640,
     "n_labeled": 96,
-    "pretrain_epochs": 10,
+    "pretrain_epochs": 5,
     "pretrain_batch": 32,
-    "finetune_iters": 120,
+    "finetune_iters": 80,
     "val_every": 20,
     "fractions": [0.05, 0.25, 1.0],
     "seeds": [0, 1, 2],
@@ -73,10 +73,10 @@ PRETRAIN_COMMON = [
     "train.amp=none",
     "train.ckpt_every=1000",
     "train.log_every=5",
-    "ssl.dim_hidden=512",
-    "ssl.dim_out=128",
-    "ssl.num_prototypes=64",
-    "ssl.num_prototypes_dec=64",
+    "ssl.dim_hidden=256",
+    "ssl.dim_out=64",
+    "ssl.num_prototypes=32",
+    "ssl.num_prototypes_dec=32",
     "ssl.teacher_momentum=0.99",
 ]
 #: Adam's step after scaling.

@@ -61,6 +61,10 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "data.num_workers",
     "train.keep_checkpoints",
     "train.prune_finished",
+    "train.checkpointing",  # recomputes activations, changes no value: switch it on to resume on a smaller GPU
+    "train.health_patience",
+    "data.cache_gb",
+    "data.cache_dir",
 )
 
 
