@@ -157,7 +157,9 @@ class DataConfig:
             "data.clip_percentiles",
             "must be [low, high] with 0 <= low < high <= 100",
         )
-        windows = self.ct_window if self.ct_window and isinstance(self.ct_window[0], list) else [self.ct_window]
+        windows = (
+            self.ct_window if self.ct_window and isinstance(self.ct_window[0], list) else [self.ct_window]
+        )
         _check(
             all(len(w) == 2 and w[1] > 0 for w in windows),
             "data.ct_window",
@@ -177,7 +179,9 @@ class DataConfig:
             "must be a non-empty list of volume indices >= 0 (or null)",
         )
         _check(self.affine_tolerance >= 0, "data.affine_tolerance", "must be >= 0")
-        _check(self.cache_gb >= 0, "data.cache_gb", f"must be >= 0 (0 disables the cache), got {self.cache_gb}")
+        _check(
+            self.cache_gb >= 0, "data.cache_gb", f"must be >= 0 (0 disables the cache), got {self.cache_gb}"
+        )
         _check(self.num_folds >= 2, "data.num_folds", f"must be >= 2, got {self.num_folds}")
         _check(
             self.fold is None or 0 <= self.fold < self.num_folds,
@@ -438,7 +442,9 @@ class SSLConfig:
         )
         _check(self.dec_grid >= 0, "ssl.dec_grid", "must be >= 0 (0 = no pooling)")
         _check(
-            self.dim_hidden_dec is None or self.dim_hidden_dec >= 1, "ssl.dim_hidden_dec", "must be >= 1 or null"
+            self.dim_hidden_dec is None or self.dim_hidden_dec >= 1,
+            "ssl.dim_hidden_dec",
+            "must be >= 1 or null",
         )
         for key in ("num_prototypes", "num_prototypes_dec", "dim_hidden", "dim_out"):
             _check(getattr(self, key) >= 1, f"ssl.{key}", "must be >= 1")
@@ -606,7 +612,9 @@ def load_config(
         if missing:
             files = ", ".join(str(p) for p in paths)
             name = missing[0]
-            raise ConfigError(f"{files}: no '{name}' section, which this command needs{SECTION_HINTS.get(name, '')}")
+            raise ConfigError(
+                f"{files}: no '{name}' section, which this command needs{SECTION_HINTS.get(name, '')}"
+            )
     if schema is None:
         schema = _infer_schema(raw)
     cfg = from_dict(schema, raw)
