@@ -160,31 +160,23 @@ def health_summary(run: Path) -> dict[str, dict[str, float]]:
     return summary
 
 
-def flops_per_image(cfg: PretrainConfig, size: int, encoder: str) -> float:
-    """GFLOP of one pre-training step per image (student forward + backward, teacher forward) of ``cfg``'s method
-    rebuilt at ``encoder`` / ``size``; counted by ``torch.utils.flop_counter`` on a batch of 2."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def flops_per_image(cfg: PretrainConfig, size: int, encoder: str) -> dict[str, float]:
+    """GFLOP of one pre-training step per image (student forward + backward, teacher forward), by part, of
+    ``cfg``'s method rebuilt at ``encoder`` / ``size`` (the paper's head widths at ResNet-50); counted by
+    :func:`decon_med.cost.count_step` on one image."""
     from decon_med.config import from_dict, to_dict
+    from decon_med.cost import count_step, random_batch
     from decon_med.ssl import build_method
 
     raw = to_dict(cfg)
     raw["model"]["encoder"], raw["data"]["image_size"] = encoder, size
-    if encoder == "resnet50":  # the paper's head widths at the paper's network
+    if encoder == "resnet50":
         raw["ssl"].update(dim_hidden=4096, dim_out=256, num_prototypes=256, num_prototypes_dec=384)
     method = build_method(from_dict(PretrainConfig, raw))
-    batch = {
-        "view1": torch.randn(2, 3, size, size),
-        "view2": torch.randn(2, 3, size, size),
-        "box1": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2),
-        "box2": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2),
-        "flip1": torch.zeros(2, dtype=torch.bool),
-        "flip2": torch.zeros(2, dtype=torch.bool),
-    }
-    counter = FlopCounterMode(display=False)
-    with counter:
-        method(batch)["loss"].backward()
-    return counter.get_total_flops() / 2 / 1e9
+    count = count_step(method, random_batch(1, size))
+    flops = {part: value / 1e9 for part, value in count.flops.items()}
+    flops["total"] = sum(count.flops.values()) / 1e9
+    return flops
 
 
 def finetune_grid(out: Path, name: str, inits: dict, size: dict, fractions: list, progress: bool) -> dict:
@@ -258,12 +250,16 @@ def main() -> None:
     paired = pd.read_csv(paths["paired"])
 
     dec_grid = {}
+    grid_inits = {"random": {"path": None, "method": "random"}}
     for grid in args.dec_grid or []:
-        grid_inits = {"random": {"path": None, "method": "random"}}
         for method in ("decon_sl", "decon_ml"):
-            label = f"{method}_g{grid}"
-            cfg = pretrain_config(out, label, method, size, [f"ssl.dec_grid={grid}"])
-            print(f"pre-training {label} ...")
+            default = pretrain_config(out, method, method, size, [])
+            if grid == default.ssl.dec_grid:  # the main run already has this grid
+                label, cfg = method, default
+            else:
+                label = f"{method}_g{grid}"
+                cfg = pretrain_config(out, label, method, size, [f"ssl.dec_grid={grid}"])
+            print(f"pre-training {label} (dec_grid {grid}) ...")
             export_dir, seconds = pretrain_and_export(cfg, progress)
             grid_inits[label] = {"path": str(export_dir), "method": method}
             dec_grid[label] = {
@@ -271,14 +267,18 @@ def main() -> None:
                 "dec_grid": grid,
                 "pretrain_seconds": seconds,
                 "gflop_per_img_study": flops_per_image(cfg, 64, "resnet18"),
-                "gflop_per_img_r50_224": flops_per_image(cfg, 224, "resnet50"),
+                # no pooling at 224 px puts 4096-wide heads on every pixel: too large to count on a CPU
+                "gflop_per_img_r50_224": flops_per_image(cfg, 224, "resnet50")
+                if grid and args.r50_flops
+                else None,
                 "health": health_summary(Path(cfg.out_dir)),
             }
-        grid_paths = finetune_grid(out, f"dec_grid_{grid}", grid_inits, size, size["fractions"][:1], progress)
-        for row in pd.read_csv(grid_paths["summary"]).to_dict("records"):
-            key = f"{row['init']}"
-            if key in dec_grid:
-                dec_grid[key].setdefault("finetune", []).append(row)
+    if dec_grid:
+        grid_paths = finetune_grid(out, "dec_grid", grid_inits, size, size["fractions"][:1], progress)
+        dec_grid_summary = pd.read_csv(grid_paths["summary"]).to_dict("records")
+        dec_grid_paired = pd.read_csv(grid_paths["paired"]).to_dict("records")
+    else:
+        dec_grid_summary = dec_grid_paired = []
 
     result = {
         "machine": {
@@ -294,6 +294,8 @@ def main() -> None:
         "summary": summary.to_dict("records"),
         "paired": paired.to_dict("records"),
         "dec_grid": dec_grid,
+        "dec_grid_summary": dec_grid_summary,
+        "dec_grid_paired": dec_grid_paired,
         "total_seconds": time.perf_counter() - start,
     }
     path = Path(
@@ -302,13 +304,91 @@ def main() -> None:
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=float) + "\n")
-    print(
-        (paths["table"]).read_text()
-        if "table" in paths and Path(paths["table"]).is_file()
-        else summary.to_string()
-    )
-    print(paired.to_string())
+    print(markdown(result))
     print(f"study finished in {result['total_seconds'] / 60:.1f} min; results in {path}")
+
+
+def _fraction(f: float) -> str:
+    return f"{float(f) * 100:g} %"
+
+
+def _row(init: str, transfer: str) -> str:
+    return init if transfer == "random" else f"{init} / {transfer}"
+
+
+def markdown(result: dict) -> str:
+    """The study's tables as Markdown (``docs/validity.md`` quotes them): mIoU mean ± std per row and fraction,
+    paired differences to random with their CIs, pre-training health first -> last, and the dec_grid comparison."""
+    out = []
+    summary = pd.DataFrame(result["summary"])
+    fractions = sorted(summary["fraction"].unique())
+    out.append("| init / transfer | " + " | ".join(_fraction(f) for f in fractions) + " |")
+    out.append("|---" * (len(fractions) + 1) + "|")
+    for (init, transfer), rows in summary.groupby(["init", "transfer"], sort=False):
+        cells = []
+        for f in fractions:
+            row = rows[rows["fraction"] == f]
+            cells.append(
+                "" if row.empty else f"{row['mIoU_mean'].iloc[0]:.2f} ± {row['mIoU_std'].iloc[0]:.2f}"
+            )
+        out.append(f"| {_row(init, transfer)} | " + " | ".join(cells) + " |")
+    paired = pd.DataFrame(result["paired"])
+    if not paired.empty:
+        out.append("")
+        out.append("| vs random (pp, 95 % CI) | " + " | ".join(_fraction(f) for f in fractions) + " |")
+        out.append("|---" * (len(fractions) + 1) + "|")
+        for (init, transfer), rows in paired.groupby(["init", "transfer"], sort=False):
+            cells = []
+            for f in fractions:
+                row = rows[rows["fraction"] == f]
+                if row.empty:
+                    cells.append("")
+                    continue
+                r = row.iloc[0]
+                cells.append(
+                    f"{r['mean_diff']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] "
+                    f"({int(r['n_better'])}/{int(r['n_pairs'])} better)"
+                )
+            out.append(f"| {_row(init, transfer)} | " + " | ".join(cells) + " |")
+    out.append("")
+    out.append("| run | signal | first | last |")
+    out.append("|---|---|---|---|")
+    for method, signals in result["health"].items():
+        for name, values in signals.items():
+            if name == "loss" or any(
+                name.endswith(f"_{s}") for s in ("z_std", "protos", "entropy", "group", "slot")
+            ):
+                out.append(f"| {method} | {name} | {values['first']:.3f} | {values['last']:.3f} |")
+    if result.get("dec_grid"):
+        out.append("")
+        out.append(
+            "| run | dec_grid | GFLOP / img (R18, 64 px): heads / total | GFLOP / img (R50, 224 px) | "
+            "pre-training s | 5 % mIoU enc | 5 % mIoU enc+dec |"
+        )
+        out.append("|---|---|---|---|---|---|---|")
+        grid_summary = pd.DataFrame(result.get("dec_grid_summary", []))
+        for label, entry in result["dec_grid"].items():
+            small = entry["gflop_per_img_study"]
+            large = entry.get("gflop_per_img_r50_224")
+            cells = []
+            for transfer in ("encoder", "encoder_decoder"):
+                row = grid_summary[(grid_summary["init"] == label) & (grid_summary["transfer"] == transfer)]
+                cells.append(
+                    "" if row.empty else f"{row['mIoU_mean'].iloc[0]:.2f} ± {row['mIoU_std'].iloc[0]:.2f}"
+                )
+            large_total = "not counted" if large is None else f"{large['total']:.1f}"
+            out.append(
+                f"| {label} | {entry['dec_grid']} | {small['heads']:.2f} / {small['total']:.2f} | "
+                f"{large_total} | {entry['pretrain_seconds']:.0f} | " + " | ".join(cells) + " |"
+            )
+        if not grid_summary.empty:
+            random = grid_summary[grid_summary["init"] == "random"]
+            if not random.empty:
+                out.append(
+                    f"| random | - | - | - | - | {random['mIoU_mean'].iloc[0]:.2f} ± "
+                    f"{random['mIoU_std'].iloc[0]:.2f} | |"
+                )
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
