@@ -180,7 +180,7 @@ def demo_experiment(out: Path, data_root: Path, exports: dict[str, Path], quick:
         iters = [o.split("=", 1)[1] for o in cfg.overrides if o.startswith("train.iters=")][-1:] or ["?"]
         sizes = (
             f"{_count(Path(data_root) / 'unlabeled')} unlabelled images, "
-            f"{_count(Path(data_root) / 'labeled' / 'images')} labelled ones (train / val / test), "
+            f"{_count(Path(data_root) / 'labeled' / 'images')} labelled ones split train / val / test, "
             f"{iters[0]} fine-tuning iterations per run, {len(cfg.seeds)} seed(s)"
         )
         cfg.note = cfg.note.replace("at toy scale", f"at toy scale ({sizes})", 1)
