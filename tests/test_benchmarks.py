@@ -74,3 +74,60 @@ def test_loader_on_a_given_dataset(synth_root):
     argv = [*TINY, "--methods", "--loader-workers", "0", "--loader-images", "4"]
     result = bench.main([*argv, "--loader-root", str(synth_root / "isic")])
     assert result["methods"] == [] and result["loaders"][0]["images"] == 2 * 4  # 2 epochs of one batch of 4
+
+
+def test_validity_study_configs_tables_and_health(tmp_path):
+    """The study's configs are what docs/validity.md says (one U-Net, AdamW step 1e-3 after scaling) and its
+    tables are built from the results JSON; the study itself runs from benchmarks/, not here."""
+    validity = _load("validity")
+    cfg = validity.pretrain_config(tmp_path, "decon_ml", "decon_ml", validity.FULL, [])
+    assert cfg.model.arch == "unet" and cfg.model.encoder == "resnet18" and cfg.data.image_size == 64
+    assert cfg.train.lr * cfg.train.batch_size / 256 == validity.PRETRAIN_LR
+    assert cfg.ssl.levels == [0, 1, 2, 3, 4] and cfg.data.root == str(tmp_path / "data" / "unlabeled")
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.csv").write_text(
+        "step,loss,enc_entropy,lr\n5,5.5,0.68,0.001\n10,4.9,,0.001\n15,4.8,0.92,0.001\n"
+    )
+    health = validity.health_summary(tmp_path / "run")
+    assert health == {"loss": {"first": 5.5, "last": 4.8}, "enc_entropy": {"first": 0.68, "last": 0.92}}
+
+    row = {"n_seeds": 3, "mDice_mean": 0.0, "mDice_std": 0.0, "method": "x"}
+    result = {
+        "summary": [
+            {
+                **row,
+                "init": "random",
+                "transfer": "random",
+                "fraction": 0.05,
+                "mIoU_mean": 40.0,
+                "mIoU_std": 2.0,
+            },
+            {
+                **row,
+                "init": "ml",
+                "transfer": "encoder",
+                "fraction": 0.05,
+                "mIoU_mean": 41.5,
+                "mIoU_std": 1.25,
+            },
+        ],
+        "paired": [
+            {
+                "init": "ml",
+                "transfer": "encoder",
+                "fraction": 0.05,
+                "mean_diff": 1.5,
+                "ci_low": -0.5,
+                "ci_high": 3.0,
+                "n_better": 2,
+                "n_pairs": 3,
+            }
+        ],
+        "health": {"ml": health},
+    }
+    table = validity.markdown(result)
+    assert "| random | 40.00 ± 2.00 |" in table
+    assert "| ml / encoder | 41.50 ± 1.25 |" in table
+    assert "| ml / encoder | +1.50 [-0.50, +3.00] (2/3 better) |" in table
+    assert "| ml | enc_entropy | 0.680 | 0.920 |" in table
