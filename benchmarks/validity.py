@@ -179,6 +179,50 @@ def flops_per_image(cfg: PretrainConfig, size: int, encoder: str) -> dict[str, f
     return flops
 
 
+def probe_scores(out: Path, runs: dict[str, Path], seeds: list[int]) -> dict[str, dict[str, float]]:
+    """Linear-probe val mIoU (%) of the frozen encoder and decoder features of each pre-trained network and of
+    randomly initialised ones (one per seed), with the engine's :class:`~decon_med.engine.probe.OnlineProbe` on
+    the labelled training images (fit) and validation images (score); never the test images."""
+    from decon_med.config import from_dict
+    from decon_med.engine.checkpoint import load_checkpoint
+    from decon_med.engine.probe import OnlineProbe
+    from decon_med.ssl import build_method
+
+    def probe_for(raw_cfg: dict) -> OnlineProbe:
+        raw = dict(raw_cfg)
+        raw["probe"] = {
+            **raw.get("probe", {}),
+            "name": "folder",
+            "root": str(out / "data" / "labeled"),
+            "num_classes": len(CLASS_NAMES),
+            "images": 48,
+            "val_images": 16,
+            "size": 64,
+            "steps": 200,
+        }
+        return OnlineProbe(from_dict(PretrainConfig, raw))
+
+    scores: dict[str, dict[str, float]] = {}
+    for label, run in runs.items():
+        checkpoint = load_checkpoint(run / "last.ckpt")
+        cfg = from_dict(PretrainConfig, checkpoint["config"])
+        method = build_method(cfg)
+        method.load_state_dict(checkpoint["method"])
+        network = getattr(method, method.export_prefix.rstrip("."))
+        result = probe_for(checkpoint["config"])(network)
+        scores[label] = {"enc_mIoU": 100 * result["enc_mIoU"], "dec_mIoU": 100 * result["dec_mIoU"]}
+        if label == "slotcon":  # the same network, randomly initialised, once per seed
+            for seed in seeds:
+                torch.manual_seed(seed)
+                fresh = build_method(cfg)
+                result = probe_for(checkpoint["config"])(getattr(fresh, fresh.export_prefix.rstrip(".")))
+                scores[f"random_s{seed}"] = {
+                    "enc_mIoU": 100 * result["enc_mIoU"],
+                    "dec_mIoU": 100 * result["dec_mIoU"],
+                }
+    return scores
+
+
 def finetune_grid(out: Path, name: str, inits: dict, size: dict, fractions: list, progress: bool) -> dict:
     """The fine-tuning grid through ``decon_med.experiment`` (one U-Net for every row); returns its result paths."""
     from decon_med.experiment import experiment_from_dict, run_experiment
@@ -220,6 +264,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--json", default=None, help="results JSON (default benchmarks/results/validity.json)"
+    )
+    parser.add_argument(
+        "--r50-flops",
+        action="store_true",
+        help="also count --dec-grid FLOPs at ResNet-50, 224 px (slow on CPU)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
@@ -280,7 +329,10 @@ def main() -> None:
     else:
         dec_grid_summary = dec_grid_paired = []
 
+    probe = probe_scores(out, {m: out / "pretrain" / m for m in METHODS}, size["seeds"])
+
     result = {
+        "probe": probe,
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
@@ -359,6 +411,12 @@ def markdown(result: dict) -> str:
                 name.endswith(f"_{s}") for s in ("z_std", "protos", "entropy", "group", "slot")
             ):
                 out.append(f"| {method} | {name} | {values['first']:.3f} | {values['last']:.3f} |")
+    if result.get("probe"):
+        out.append("")
+        out.append("| network (frozen) | linear probe val mIoU %: encoder | decoder |")
+        out.append("|---|---|---|")
+        for label, values in result["probe"].items():
+            out.append(f"| {label} | {values['enc_mIoU']:.2f} | {values['dec_mIoU']:.2f} |")
     if result.get("dec_grid"):
         out.append("")
         out.append(
