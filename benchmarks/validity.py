@@ -17,7 +17,7 @@ Each stage reuses what an earlier call finished, so an interrupted study continu
 
 Usage:
     python benchmarks/validity.py --out runs/validity                 # the study (under an hour on 2 cores)
-    python benchmarks/validity.py --out runs/validity --dec-grid 7 14 28 0
+    python benchmarks/validity.py --out runs/validity --dec-grid 7 14 28 0   # + about 40 min
     python benchmarks/validity.py --out /tmp/v --quick               # a two-minute smoke run of every stage
 """
 
@@ -270,6 +270,11 @@ def main() -> None:
         action="store_true",
         help="also count --dec-grid FLOPs at ResNet-50, 224 px (slow on CPU)",
     )
+    parser.add_argument(
+        "--dec-grid-probe-only",
+        action="store_true",
+        help="compare the --dec-grid runs by their linear probe only (no fine-tuning grid)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
     size = QUICK if args.quick else FULL
@@ -322,14 +327,15 @@ def main() -> None:
                 else None,
                 "health": health_summary(Path(cfg.out_dir)),
             }
-    if dec_grid:
+    if dec_grid and not args.dec_grid_probe_only:
         grid_paths = finetune_grid(out, "dec_grid", grid_inits, size, size["fractions"][:1], progress)
         dec_grid_summary = pd.read_csv(grid_paths["summary"]).to_dict("records")
         dec_grid_paired = pd.read_csv(grid_paths["paired"]).to_dict("records")
     else:
         dec_grid_summary = dec_grid_paired = []
 
-    probe = probe_scores(out, {m: out / "pretrain" / m for m in METHODS}, size["seeds"])
+    probe_runs = {label: out / "pretrain" / label for label in [*METHODS, *dec_grid]}
+    probe = probe_scores(out, probe_runs, size["seeds"])
 
     result = {
         "probe": probe,
@@ -421,9 +427,9 @@ def markdown(result: dict) -> str:
         out.append("")
         out.append(
             "| run | dec_grid | GFLOP / img (R18, 64 px): heads / total | GFLOP / img (R50, 224 px) | "
-            "pre-training s | 5 % mIoU enc | 5 % mIoU enc+dec |"
+            "pre-training s | probe mIoU enc / dec | 5 % mIoU enc | 5 % mIoU enc+dec |"
         )
-        out.append("|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|")
         grid_summary = pd.DataFrame(result.get("dec_grid_summary", []))
         for label, entry in result["dec_grid"].items():
             small = entry["gflop_per_img_study"]
@@ -435,15 +441,19 @@ def markdown(result: dict) -> str:
                     "" if row.empty else f"{row['mIoU_mean'].iloc[0]:.2f} ± {row['mIoU_std'].iloc[0]:.2f}"
                 )
             large_total = "not counted" if large is None else f"{large['total']:.1f}"
+            probed = result.get("probe", {}).get(label)
+            probe_cell = "" if probed is None else f"{probed['enc_mIoU']:.1f} / {probed['dec_mIoU']:.1f}"
             out.append(
                 f"| {label} | {entry['dec_grid']} | {small['heads']:.2f} / {small['total']:.2f} | "
-                f"{large_total} | {entry['pretrain_seconds']:.0f} | " + " | ".join(cells) + " |"
+                f"{large_total} | {entry['pretrain_seconds']:.0f} | {probe_cell} | "
+                + " | ".join(cells)
+                + " |"
             )
         if not grid_summary.empty:
             random = grid_summary[grid_summary["init"] == "random"]
             if not random.empty:
                 out.append(
-                    f"| random | - | - | - | - | {random['mIoU_mean'].iloc[0]:.2f} ± "
+                    f"| random | - | - | - | - | - | {random['mIoU_mean'].iloc[0]:.2f} ± "
                     f"{random['mIoU_std'].iloc[0]:.2f} | |"
                 )
     return "\n".join(out)
