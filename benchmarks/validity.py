@@ -436,6 +436,9 @@ def markdown(result: dict) -> str:
             large = entry.get("gflop_per_img_r50_224")
             cells = []
             for transfer in ("encoder", "encoder_decoder"):
+                if grid_summary.empty:
+                    cells.append("not run")
+                    continue
                 row = grid_summary[(grid_summary["init"] == label) & (grid_summary["transfer"] == transfer)]
                 cells.append(
                     "" if row.empty else f"{row['mIoU_mean'].iloc[0]:.2f} ± {row['mIoU_std'].iloc[0]:.2f}"
