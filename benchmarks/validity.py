@@ -188,38 +188,37 @@ def probe_scores(out: Path, runs: dict[str, Path], seeds: list[int]) -> dict[str
     from decon_med.engine.probe import OnlineProbe
     from decon_med.ssl import build_method
 
-    def probe_for(raw_cfg: dict) -> OnlineProbe:
-        raw = dict(raw_cfg)
-        raw["probe"] = {
-            **raw.get("probe", {}),
-            "name": "folder",
-            "root": str(out / "data" / "labeled"),
-            "num_classes": len(CLASS_NAMES),
-            "images": 48,
-            "val_images": 16,
-            "size": 64,
-            "steps": 200,
-        }
-        return OnlineProbe(from_dict(PretrainConfig, raw))
-
+    probe: OnlineProbe | None = None  # built once: every run shares the data settings, so the images too
     scores: dict[str, dict[str, float]] = {}
+
+    def score(label: str, network: torch.nn.Module) -> None:
+        result = probe(network)
+        scores[label] = {"enc_mIoU": 100 * result["enc_mIoU"], "dec_mIoU": 100 * result["dec_mIoU"]}
+
     for label, run in runs.items():
         checkpoint = load_checkpoint(run / "last.ckpt")
         cfg = from_dict(PretrainConfig, checkpoint["config"])
+        if probe is None:
+            raw = dict(checkpoint["config"])
+            raw["probe"] = {
+                **raw.get("probe", {}),
+                "name": "folder",
+                "root": str(out / "data" / "labeled"),
+                "num_classes": len(CLASS_NAMES),
+                "images": 48,
+                "val_images": 16,
+                "size": 64,
+                "steps": 200,
+            }
+            probe = OnlineProbe(from_dict(PretrainConfig, raw))
         method = build_method(cfg)
         method.load_state_dict(checkpoint["method"])
-        network = getattr(method, method.export_prefix.rstrip("."))
-        result = probe_for(checkpoint["config"])(network)
-        scores[label] = {"enc_mIoU": 100 * result["enc_mIoU"], "dec_mIoU": 100 * result["dec_mIoU"]}
+        score(label, getattr(method, method.export_prefix.rstrip(".")))
         if label == "slotcon":  # the same network, randomly initialised, once per seed
             for seed in seeds:
                 torch.manual_seed(seed)
                 fresh = build_method(cfg)
-                result = probe_for(checkpoint["config"])(getattr(fresh, fresh.export_prefix.rstrip(".")))
-                scores[f"random_s{seed}"] = {
-                    "enc_mIoU": 100 * result["enc_mIoU"],
-                    "dec_mIoU": 100 * result["dec_mIoU"],
-                }
+                score(f"random_s{seed}", getattr(fresh, fresh.export_prefix.rstrip(".")))
     return scores
 
 
@@ -374,40 +373,42 @@ def _row(init: str, transfer: str) -> str:
     return init if transfer == "random" else f"{init} / {transfer}"
 
 
+def _grid_table(table: pd.DataFrame, title: str, fractions: list, cell) -> list[str]:
+    """Markdown lines of one row per (init, transfer) and one column per fraction, each cell ``cell(row)``."""
+    lines = [
+        f"| {title} | " + " | ".join(_fraction(f) for f in fractions) + " |",
+        "|---" * (len(fractions) + 1) + "|",
+    ]
+    for (init, transfer), rows in table.groupby(["init", "transfer"], sort=False):
+        cells = []
+        for f in fractions:
+            row = rows[rows["fraction"] == f]
+            cells.append("" if row.empty else cell(row.iloc[0]))
+        lines.append(f"| {_row(init, transfer)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(result: dict) -> str:
     """The study's tables as Markdown (``docs/validity.md`` quotes them): mIoU mean ± std per row and fraction,
     paired differences to random with their CIs, pre-training health first -> last, and the dec_grid comparison."""
     out = []
     summary = pd.DataFrame(result["summary"])
     fractions = sorted(summary["fraction"].unique())
-    out.append("| init / transfer | " + " | ".join(_fraction(f) for f in fractions) + " |")
-    out.append("|---" * (len(fractions) + 1) + "|")
-    for (init, transfer), rows in summary.groupby(["init", "transfer"], sort=False):
-        cells = []
-        for f in fractions:
-            row = rows[rows["fraction"] == f]
-            cells.append(
-                "" if row.empty else f"{row['mIoU_mean'].iloc[0]:.2f} ± {row['mIoU_std'].iloc[0]:.2f}"
-            )
-        out.append(f"| {_row(init, transfer)} | " + " | ".join(cells) + " |")
     paired = pd.DataFrame(result["paired"])
+
+    def mean_std(r: pd.Series) -> str:
+        return f"{r['mIoU_mean']:.2f} ± {r['mIoU_std']:.2f}"
+
+    def difference(r: pd.Series) -> str:
+        return (
+            f"{r['mean_diff']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] "
+            f"({int(r['n_better'])}/{int(r['n_pairs'])} better)"
+        )
+
+    out += _grid_table(summary, "init / transfer", fractions, mean_std)
     if not paired.empty:
         out.append("")
-        out.append("| vs random (pp, 95 % CI) | " + " | ".join(_fraction(f) for f in fractions) + " |")
-        out.append("|---" * (len(fractions) + 1) + "|")
-        for (init, transfer), rows in paired.groupby(["init", "transfer"], sort=False):
-            cells = []
-            for f in fractions:
-                row = rows[rows["fraction"] == f]
-                if row.empty:
-                    cells.append("")
-                    continue
-                r = row.iloc[0]
-                cells.append(
-                    f"{r['mean_diff']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] "
-                    f"({int(r['n_better'])}/{int(r['n_pairs'])} better)"
-                )
-            out.append(f"| {_row(init, transfer)} | " + " | ".join(cells) + " |")
+        out += _grid_table(paired, "vs random (pp, 95 % CI)", fractions, difference)
     out.append("")
     out.append("| run | signal | first | last |")
     out.append("|---|---|---|---|")

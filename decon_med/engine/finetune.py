@@ -142,11 +142,11 @@ def finetune(
     classes = num_classes(cfg.data)
     class_names(cfg, classes)  # wrong-length data.class_names stop the run before anything is written
     checkpoint = prepare_run_folder(paths, cfg, resume=resume, overwrite=overwrite)
-    all_train = get_layout(cfg.data).items("train")
+    layout = get_layout(cfg.data)
+    all_train = layout.items("train")
     subset = split_fraction(all_train, cfg.fraction, cfg.seed)
     dataset = build_dataset(cfg, "train", "train", items=subset)
     if (progress if summary is None else summary) and distributed.is_main_process():
-        layout = get_layout(cfg.data)
         splits = {"train": subset, **{split: layout.items(split) for split in ("val", "test")}}
         stop = cfg.train.iters if max_iters is None else min(cfg.train.iters, max_iters)
         print_summary("finetune", cfg, splits, steps=f"{stop} of {cfg.train.iters} iterations")
