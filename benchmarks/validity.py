@@ -17,7 +17,7 @@ Each stage reuses what an earlier call finished, so an interrupted study continu
 
 Usage:
     python benchmarks/validity.py --out runs/validity                 # the study (under an hour on 2 cores)
-    python benchmarks/validity.py --out runs/validity --dec-grid 7 14 28 0   # + about 40 min
+    python benchmarks/validity.py --out runs/validity --dec-grid 7 14 28 0 --dec-grid-epochs 5 --finetune-iters 80
     python benchmarks/validity.py --out /tmp/v --quick               # a two-minute smoke run of every stage
 """
 
@@ -41,8 +41,11 @@ REPO = Path(__file__).resolve().parents[1]
 FULL = {
     "n_unlabeled": 640,
     "n_labeled": 96,
-    "pretrain_epochs": 5,
+    "pretrain_epochs": 20,
     "pretrain_batch": 32,
+    "probe_every": 100,
+    "probe_images": 48,
+    "probe_val_images": 16,
     "finetune_iters": 80,
     "val_every": 20,
     "fractions": [0.05, 0.25, 1.0],
@@ -53,6 +56,9 @@ QUICK = {
     "n_labeled": 18,
     "pretrain_epochs": 1,
     "pretrain_batch": 16,
+    "probe_every": 2,
+    "probe_images": 4,
+    "probe_val_images": 2,
     "finetune_iters": 4,
     "val_every": 2,
     "fractions": [0.25, 1.0],
@@ -60,7 +66,9 @@ QUICK = {
 }
 
 #: Pre-training settings shared by every method: the paper's recipe shrunk for a CPU. AdamW's rate is given after
-#: the linear batch scaling (lr x batch / 256), so it does not shrink to nothing at a small batch.
+#: the linear batch scaling (lr x batch / 256), so it does not shrink to nothing at a small batch. The teacher
+#: temperature 0.04 (the paper's 0.07) was chosen on the validation probe by ``benchmarks/validity_tune.py``: at 0.07
+#: the teacher's assignment drifts to uniform within 100 steps at this scale (docs/validity.md).
 PRETRAIN_COMMON = [
     "data.name=unlabeled",
     "data.image_size=64",
@@ -78,6 +86,7 @@ PRETRAIN_COMMON = [
     "ssl.num_prototypes=32",
     "ssl.num_prototypes_dec=32",
     "ssl.teacher_momentum=0.99",
+    "ssl.teacher_temp=0.04",
 ]
 #: Adam's step after scaling.
 PRETRAIN_LR = 1e-3
@@ -123,6 +132,13 @@ def pretrain_config(out: Path, label: str, method: str, size: dict, extra: list[
         f"train.epochs={size['pretrain_epochs']}",
         f"train.lr={lr}",
         f"out_dir={out / 'pretrain' / label}",
+        # the online linear probe on the labelled train / val images (never test), logged to probe.csv
+        f"probe.root={out / 'data' / 'labeled'}",
+        f"probe.num_classes={len(CLASS_NAMES)}",
+        f"probe.every={size['probe_every']}",
+        f"probe.images={size['probe_images']}",
+        f"probe.val_images={size['probe_val_images']}",
+        "probe.steps=200",
     ]
     return load_config(REPO / "configs" / "pretrain" / f"{method}.yaml", overrides, schema=PretrainConfig)
 
@@ -158,6 +174,18 @@ def health_summary(run: Path) -> dict[str, dict[str, float]]:
         if len(values):
             summary[column] = {"first": float(values.iloc[0]), "last": float(values.iloc[-1])}
     return summary
+
+
+def probe_curve(run: Path) -> list[dict[str, float]]:
+    """The online probe's rows of a pre-training run (``probe.csv``: step, enc / dec val mIoU in %)."""
+    path = run / "probe.csv"
+    if not path.is_file():
+        return []
+    rows = pd.read_csv(path)
+    return [
+        {"step": int(r.step), "enc_mIoU": 100 * float(r.enc_mIoU), "dec_mIoU": 100 * float(r.dec_mIoU)}
+        for r in rows.itertuples()
+    ]
 
 
 def flops_per_image(cfg: PretrainConfig, size: int, encoder: str) -> dict[str, float]:
@@ -223,7 +251,9 @@ def probe_scores(out: Path, runs: dict[str, Path], seeds: list[int]) -> dict[str
 
 
 def finetune_grid(out: Path, name: str, inits: dict, size: dict, fractions: list, progress: bool) -> dict:
-    """The fine-tuning grid through ``decon_med.experiment`` (one U-Net for every row); returns its result paths."""
+    """The fine-tuning grid through ``decon_med.experiment`` (one U-Net for every row); returns its result paths.
+
+    The grid's folder is named after ``name`` and the iteration count, so grids of other lengths sit beside it."""
     from decon_med.experiment import experiment_from_dict, run_experiment
 
     raw = {
@@ -241,7 +271,7 @@ def finetune_grid(out: Path, name: str, inits: dict, size: dict, fractions: list
         "fractions": fractions,
         "seeds": size["seeds"],
         "baseline": "random",
-        "out_dir": str(out / "experiment" / name),
+        "out_dir": str(out / "experiment" / f"{name}_it{size['finetune_iters']}"),
     }
     cfg = experiment_from_dict(raw)
     cfg.validate()
@@ -274,9 +304,24 @@ def main() -> None:
         action="store_true",
         help="compare the --dec-grid runs by their linear probe only (no fine-tuning grid)",
     )
+    parser.add_argument(
+        "--dec-grid-epochs",
+        type=int,
+        default=None,
+        help="pre-training epochs of the --dec-grid runs (default: the main study's); at another length the "
+        "default grid is pre-trained again too",
+    )
+    parser.add_argument(
+        "--finetune-iters",
+        type=int,
+        default=None,
+        help="fine-tuning iterations of every run (default 80; validation every quarter)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
-    size = QUICK if args.quick else FULL
+    size = dict(QUICK if args.quick else FULL)
+    if args.finetune_iters:  # validation four times per run, as at the default length
+        size.update(finetune_iters=args.finetune_iters, val_every=max(1, args.finetune_iters // 4))
     out = Path(args.out)
     progress = not args.quiet
     start = time.perf_counter()
@@ -286,12 +331,13 @@ def main() -> None:
         print("writing the texture data ...")
         make_textures(out / "data", size["n_unlabeled"], size["n_labeled"], seed=0, overwrite=True)
 
-    exports, pretrain_seconds, health = {}, {}, {}
+    exports, pretrain_seconds, health, curves = {}, {}, {}, {}
     for method in METHODS:
         cfg = pretrain_config(out, method, method, size, [])
         print(f"pre-training {method} ...")
         exports[method], pretrain_seconds[method] = pretrain_and_export(cfg, progress)
         health[method] = health_summary(Path(cfg.out_dir))
+        curves[method] = probe_curve(Path(cfg.out_dir))
 
     inits = {"random": {"path": None, "method": "random"}}
     for method, path in exports.items():
@@ -304,20 +350,25 @@ def main() -> None:
 
     dec_grid = {}
     grid_inits = {"random": {"path": None, "method": "random"}}
+    grid_epochs = args.dec_grid_epochs or size["pretrain_epochs"]
+    grid_size = {**size, "pretrain_epochs": grid_epochs}
+    # at another length every grid, the default included, is pre-trained again: like is compared with like
+    suffix = "" if grid_epochs == size["pretrain_epochs"] else f"_e{grid_epochs}"
     for grid in args.dec_grid or []:
         for method in ("decon_sl", "decon_ml"):
             default = pretrain_config(out, method, method, size, [])
-            if grid == default.ssl.dec_grid:  # the main run already has this grid
+            if grid == default.ssl.dec_grid and not suffix:  # the main run already has this grid
                 label, cfg = method, default
             else:
-                label = f"{method}_g{grid}"
-                cfg = pretrain_config(out, label, method, size, [f"ssl.dec_grid={grid}"])
+                label = f"{method}_g{grid}{suffix}"
+                cfg = pretrain_config(out, label, method, grid_size, [f"ssl.dec_grid={grid}"])
             print(f"pre-training {label} (dec_grid {grid}) ...")
             export_dir, seconds = pretrain_and_export(cfg, progress)
             grid_inits[label] = {"path": str(export_dir), "method": method}
             dec_grid[label] = {
                 "method": method,
                 "dec_grid": grid,
+                "pretrain_steps": grid_epochs * size["n_unlabeled"] // size["pretrain_batch"],
                 "pretrain_seconds": seconds,
                 "gflop_per_img_study": flops_per_image(cfg, 64, "resnet18"),
                 # no pooling at 224 px puts 4096-wide heads on every pixel: too large to count on a CPU
@@ -325,6 +376,7 @@ def main() -> None:
                 if grid and args.r50_flops
                 else None,
                 "health": health_summary(Path(cfg.out_dir)),
+                "probe_curve": probe_curve(Path(cfg.out_dir)),
             }
     if dec_grid and not args.dec_grid_probe_only:
         grid_paths = finetune_grid(out, "dec_grid", grid_inits, size, size["fractions"][:1], progress)
@@ -348,6 +400,7 @@ def main() -> None:
         "quick": args.quick,
         "pretrain_seconds": pretrain_seconds,
         "health": health,
+        "probe_curves": curves,
         "summary": summary.to_dict("records"),
         "paired": paired.to_dict("records"),
         "dec_grid": dec_grid,
@@ -388,6 +441,23 @@ def _grid_table(table: pd.DataFrame, title: str, fractions: list, cell) -> list[
     return lines
 
 
+def probe_curve_table(curves: dict[str, list[dict]]) -> list[str]:
+    """Markdown lines: the online probe's val mIoU (encoder / decoder, %) at each probed step, one column per run."""
+    labels = list(curves)
+    steps = sorted({row["step"] for rows in curves.values() for row in rows})
+    lines = [
+        "| step | " + " | ".join(f"{label}: enc / dec" for label in labels) + " |",
+        "|---" * (len(labels) + 1) + "|",
+    ]
+    for step in steps:
+        cells = []
+        for label in labels:
+            row = next((r for r in curves[label] if r["step"] == step), None)
+            cells.append("" if row is None else f"{row['enc_mIoU']:.1f} / {row['dec_mIoU']:.1f}")
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(result: dict) -> str:
     """The study's tables as Markdown (``docs/validity.md`` quotes them): mIoU mean ± std per row and fraction,
     paired differences to random with their CIs, pre-training health first -> last, and the dec_grid comparison."""
@@ -424,13 +494,17 @@ def markdown(result: dict) -> str:
         out.append("|---|---|---|")
         for label, values in result["probe"].items():
             out.append(f"| {label} | {values['enc_mIoU']:.2f} | {values['dec_mIoU']:.2f} |")
+    curves = {label: rows for label, rows in result.get("probe_curves", {}).items() if rows}
+    if curves:
+        out.append("")
+        out += probe_curve_table(curves)
     if result.get("dec_grid"):
         out.append("")
         out.append(
-            "| run | dec_grid | GFLOP / img (R18, 64 px): heads / total | GFLOP / img (R50, 224 px) | "
+            "| run | dec_grid | steps | GFLOP / img (R18, 64 px): heads / total | GFLOP / img (R50, 224 px) | "
             "pre-training s | probe mIoU enc / dec | 5 % mIoU enc | 5 % mIoU enc+dec |"
         )
-        out.append("|---|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|---|")
         grid_summary = pd.DataFrame(result.get("dec_grid_summary", []))
         for label, entry in result["dec_grid"].items():
             small = entry["gflop_per_img_study"]
@@ -448,7 +522,8 @@ def markdown(result: dict) -> str:
             probed = result.get("probe", {}).get(label)
             probe_cell = "" if probed is None else f"{probed['enc_mIoU']:.1f} / {probed['dec_mIoU']:.1f}"
             out.append(
-                f"| {label} | {entry['dec_grid']} | {small['heads']:.2f} / {small['total']:.2f} | "
+                f"| {label} | {entry['dec_grid']} | {entry.get('pretrain_steps', '')} | "
+                f"{small['heads']:.2f} / {small['total']:.2f} | "
                 f"{large_total} | {entry['pretrain_seconds']:.0f} | {probe_cell} | "
                 + " | ".join(cells)
                 + " |"
@@ -457,7 +532,7 @@ def markdown(result: dict) -> str:
             random = grid_summary[grid_summary["init"] == "random"]
             if not random.empty:
                 out.append(
-                    f"| random | - | - | - | - | - | {random['mIoU_mean'].iloc[0]:.2f} ± "
+                    f"| random | - | - | - | - | - | - | {random['mIoU_mean'].iloc[0]:.2f} ± "
                     f"{random['mIoU_std'].iloc[0]:.2f} | |"
                 )
     return "\n".join(out)

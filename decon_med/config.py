@@ -205,6 +205,9 @@ class AugmentConfig:
         color: colour / intensity augmentations on (suited to data.modality).
         photometric: pre-training view recipe: ``byol`` (SlotCon / BYOL: blur always on view 1, rarely on view 2,
             solarisation on view 2) or ``mocov2`` (DenseCL / MoCo v2: both views alike, blur p 0.5, saturation 0.4).
+        blur_sigma: pre-training Gaussian blur sigma range [low, high] in pixels of a view; ``null`` = the
+            recipes' 0.1-2.0 px at 224 px scaled to ``data.image_size`` (at 64 px: 0.03-0.57), so a small view
+            keeps the texture a 224-px view keeps.
     """
 
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
@@ -214,6 +217,7 @@ class AugmentConfig:
     vflip: float = 0.0
     color: bool = True
     photometric: Photometric = "byol"
+    blur_sigma: list[float] | None = None
 
     def validate(self) -> None:
         for key in ("crop_scale", "finetune_crop_scale"):
@@ -224,6 +228,12 @@ class AugmentConfig:
                 "must be [low, high] with 0 < low <= high <= 1",
             )
         _check(0.0 <= self.min_overlap < 1.0, "augment.min_overlap", "must be in [0, 1)")
+        if self.blur_sigma is not None:
+            _check(
+                len(self.blur_sigma) == 2 and 0.0 < self.blur_sigma[0] <= self.blur_sigma[1],
+                "augment.blur_sigma",
+                "must be null or [low, high] with 0 < low <= high",
+            )
         _check(0.0 <= self.hflip <= 1.0, "augment.hflip", "must be a probability in [0, 1]")
         _check(0.0 <= self.vflip <= 1.0, "augment.vflip", "must be a probability in [0, 1]")
 

@@ -76,7 +76,7 @@ def test_loader_on_a_given_dataset(synth_root):
     assert result["methods"] == [] and result["loaders"][0]["images"] == 2 * 4  # 2 epochs of one batch of 4
 
 
-def test_validity_study_configs_tables_and_health(tmp_path):
+def test_validity_study_configs_tables_and_health(tmp_path, monkeypatch):
     """The study's configs are what docs/validity.md says (one U-Net, AdamW step 1e-3 after scaling) and its
     tables are built from the results JSON; the study itself runs from benchmarks/, not here."""
     validity = _load("validity")
@@ -84,11 +84,24 @@ def test_validity_study_configs_tables_and_health(tmp_path):
     assert cfg.model.arch == "unet" and cfg.model.encoder == "resnet18" and cfg.data.image_size == 64
     assert cfg.train.lr * cfg.train.batch_size / 256 == validity.PRETRAIN_LR
     assert cfg.ssl.levels == [0, 1, 2, 3, 4] and cfg.data.root == str(tmp_path / "data" / "unlabeled")
+    assert cfg.ssl.teacher_temp == 0.04 and cfg.augment.blur_sigma is None  # the recipe validity_tune.py chose
+    assert cfg.probe.root == str(tmp_path / "data" / "labeled") and cfg.probe.every == validity.FULL["probe_every"]
+    monkeypatch.syspath_prepend(str(BENCH))  # validity_tune imports validity as its sibling script
+    tune = _load("validity_tune")
+    for label, (method, _, overrides) in tune.CANDIDATES.items():  # every candidate builds a valid config
+        candidate = validity.pretrain_config(tmp_path, label, method, validity.FULL, overrides)
+        assert candidate.ssl.method == method
+        if "paper" in label:
+            assert candidate.ssl.teacher_temp == 0.07 and candidate.augment.blur_sigma == [0.1, 2.0]
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.csv").write_text(
         "step,loss,enc_entropy,lr\n5,5.5,0.68,0.001\n10,4.9,,0.001\n15,4.8,0.92,0.001\n"
     )
+    (tmp_path / "run" / "probe.csv").write_text("step,enc_mIoU,dec_mIoU,seconds\n0,0.25,0.5,1.0\n100,0.3,0.625,1.0\n")
+    curve = validity.probe_curve(tmp_path / "run")
+    assert curve == [{"step": 0, "enc_mIoU": 25.0, "dec_mIoU": 50.0}, {"step": 100, "enc_mIoU": 30.0, "dec_mIoU": 62.5}]
+    assert validity.probe_curve(tmp_path) == []
     health = validity.health_summary(tmp_path / "run")
     assert health == {"loss": {"first": 5.5, "last": 4.8}, "enc_entropy": {"first": 0.68, "last": 0.92}}
 
@@ -125,9 +138,11 @@ def test_validity_study_configs_tables_and_health(tmp_path):
             }
         ],
         "health": {"ml": health},
+        "probe_curves": {"ml": curve, "sl": []},
     }
     table = validity.markdown(result)
     assert "| random | 40.00 ± 2.00 |" in table
     assert "| ml / encoder | 41.50 ± 1.25 |" in table
     assert "| ml / encoder | +1.50 [-0.50, +3.00] (2/3 better) |" in table
     assert "| ml | enc_entropy | 0.680 | 0.920 |" in table
+    assert "| step | ml: enc / dec |" in table and "| 100 | 30.0 / 62.5 |" in table

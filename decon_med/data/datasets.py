@@ -128,6 +128,7 @@ def build_transform(cfg: Config, mode: Mode, full_labels: bool = False):
             hflip=aug.hflip,
             color=aug.color,
             recipe=aug.photometric,
+            blur_sigma=aug.blur_sigma,
             **common,
         )
     if mode == "train":

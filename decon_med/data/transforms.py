@@ -271,12 +271,25 @@ class _RandomTransform:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _blur(p: float) -> A.GaussianBlur:
-    return A.GaussianBlur(blur_limit=0, sigma_limit=(0.1, 2.0), p=p)
+#: SlotCon / BYOL / MoCo v2 blur: sigma in pixels of a 224-px view.
+BLUR_SIGMA_224 = (0.1, 2.0)
 
 
-def _pretrain_photometric(colour: bool, view: int, recipe: str = "byol") -> A.Compose:
-    """The photometric augmentation of one pre-training view (1 or 2) under ``recipe`` (``byol`` or ``mocov2``)."""
+def blur_sigma_for(size: int) -> tuple[float, float]:
+    """The reference blur range (0.1, 2.0) px at 224 px, scaled to a ``size``-px view: the same blur relative to
+    the image content, so a 64-px view is not blurred 3.5 times harder than the recipe's."""
+    return tuple(s * size / 224 for s in BLUR_SIGMA_224)
+
+
+def _blur(p: float, sigma: Sequence[float] = BLUR_SIGMA_224) -> A.GaussianBlur:
+    return A.GaussianBlur(blur_limit=0, sigma_limit=tuple(sigma), p=p)
+
+
+def _pretrain_photometric(
+    colour: bool, view: int, recipe: str = "byol", sigma: Sequence[float] = BLUR_SIGMA_224
+) -> A.Compose:
+    """The photometric augmentation of one pre-training view (1 or 2) under ``recipe`` (``byol`` or ``mocov2``),
+    blurring with sigma in ``sigma`` (pixels)."""
     saturation = 0.4 if recipe == "mocov2" else 0.2
     if colour:
         ops = [
@@ -289,11 +302,11 @@ def _pretrain_photometric(colour: bool, view: int, recipe: str = "byol") -> A.Co
             A.RandomGamma(gamma_limit=(70, 150), p=0.5),
         ]
     if recipe == "mocov2":
-        ops.append(_blur(0.5))  # the same for both views
+        ops.append(_blur(0.5, sigma))  # the same for both views
     elif view == 1:
-        ops.append(_blur(1.0))
+        ops.append(_blur(1.0, sigma))
     else:
-        ops.append(_blur(0.1))
+        ops.append(_blur(0.1, sigma))
         if colour:
             ops.append(A.Solarize(threshold_range=(0.5, 0.5), p=0.2))
         else:
@@ -323,7 +336,7 @@ class TwoViewTransform(_RandomTransform):
     Photometric augmentation (``color=True``), ``recipe="byol"`` following SlotCon / BYOL:
 
     - ``rgb`` with 3 channels: ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, ToGray p 0.2, Gaussian blur sigma
-      (0.1, 2.0) always on view 1 and p 0.1 on view 2, Solarize(0.5) p 0.2 on view 2.
+      ``blur_sigma`` (the recipe's 0.1-2.0 px at 224 px, scaled to ``size``) always on view 1 and p 0.1 on view 2, Solarize(0.5) p 0.2 on view 2.
     - ``gray`` / ``mr`` / ``ct`` (and 1-channel ``rgb``): no hue, saturation or ToGray, which are meaningless
       for intensity images; brightness/contrast jitter (0.4, 0.4) p 0.8, random gamma in [0.7, 1.5] p 0.5, the
       same blur rule, and light Gaussian noise (std 0.01-0.04, identical on all channels) p 0.5 on view 2 in
@@ -350,6 +363,8 @@ class TwoViewTransform(_RandomTransform):
         in_channels: channels of the output (1, or 3 with greyscale replicated).
         color: enable the photometric augmentation.
         recipe: ``byol`` (asymmetric views, SlotCon) or ``mocov2`` (symmetric views, DenseCL).
+        blur_sigma: Gaussian blur sigma range in pixels of the output view; ``None`` = :func:`blur_sigma_for`
+            ``(size)``, the recipes' (0.1, 2.0) px at 224 px scaled to ``size``.
         mean, std: normalisation; default :func:`default_normalisation`.
         seed: seed of the internal generator, used when a sample has no ``"seed"``.
 
@@ -372,6 +387,7 @@ class TwoViewTransform(_RandomTransform):
         in_channels: int = 3,
         color: bool = True,
         recipe: str = "byol",
+        blur_sigma: Sequence[float] | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         seed: int | None = None,
@@ -379,6 +395,9 @@ class TwoViewTransform(_RandomTransform):
         super().__init__(seed)
         self.mean, self.std = _resolve_normalisation(in_channels, modality, mean, std)
         _check_crop_scale(crop_scale)
+        self.blur_sigma = blur_sigma_for(size) if blur_sigma is None else tuple(blur_sigma)
+        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"blur_sigma must satisfy 0 < low <= high, got {self.blur_sigma}")
         if recipe not in ("byol", "mocov2"):
             raise ValueError(f"recipe must be 'byol' or 'mocov2', got {recipe!r}")
         if not 0 < ratio[0] <= ratio[1]:
@@ -395,7 +414,9 @@ class TwoViewTransform(_RandomTransform):
         self.recipe = recipe
         self._pipelines = (
             {
-                colour: (_pretrain_photometric(colour, 1, recipe), _pretrain_photometric(colour, 2, recipe))
+                colour: tuple(
+                    _pretrain_photometric(colour, view, recipe, self.blur_sigma) for view in (1, 2)
+                )
                 for colour in (False, True)
             }
             if color

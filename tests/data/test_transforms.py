@@ -353,3 +353,46 @@ def test_pretrain_transform_takes_the_configured_recipe():
     assert t.recipe == "mocov2"
     with pytest.raises(ValueError, match="recipe"):
         TwoViewTransform(32, recipe="simclr")
+
+
+def test_blur_sigma_scales_with_the_view_size():
+    """The recipes' blur (0.1-2.0 px at 224 px) is scaled to the view, so a 64-px view is blurred as much, relative
+    to its content, as a 224-px view; ``augment.blur_sigma`` sets it in pixels."""
+    from decon_med.config import PretrainConfig, load_config
+    from decon_med.data.datasets import build_transform
+    from decon_med.data.transforms import blur_sigma_for
+
+    def sigma(t: TwoViewTransform, view: int, colour: bool = False) -> tuple[float, float]:
+        blur = next(op for op in t._pipelines[colour][view - 1].transforms if type(op).__name__ == "GaussianBlur")
+        return tuple(blur.sigma_limit)
+
+    assert blur_sigma_for(224) == pytest.approx((0.1, 2.0))
+    assert sigma(TwoViewTransform(224), 1) == pytest.approx((0.1, 2.0))
+    assert sigma(TwoViewTransform(64), 1) == pytest.approx((0.1 * 64 / 224, 2.0 * 64 / 224))
+    assert sigma(TwoViewTransform(64), 2, colour=True) == pytest.approx((0.1 * 64 / 224, 2.0 * 64 / 224))
+    assert sigma(TwoViewTransform(64, blur_sigma=(0.5, 1.5)), 2) == pytest.approx((0.5, 1.5))
+    with pytest.raises(ValueError, match="blur_sigma"):
+        TwoViewTransform(64, blur_sigma=(2.0, 1.0))
+
+    # The same content at 64 and 224 px, blurred by the largest sigma of each size, keeps the same relative detail:
+    # the blurred / sharp ratio of the pixel-difference energy agrees within a few percent.
+    import albumentations as A
+
+    def kept_detail(size: int, s: float | None = None) -> float:
+        x = (np.arange(size) + 0.5) / size
+        stripes = (0.5 + 0.5 * np.sin(2 * np.pi * 12 * x))[None, :].repeat(size, 0).astype(np.float32)
+        s = blur_sigma_for(size)[1] if s is None else s
+        blurred = A.GaussianBlur(blur_limit=0, sigma_limit=(s, s), p=1.0)(image=stripes)["image"]
+        inner = slice(size // 4, 3 * size // 4)  # away from the border handling
+        sharp = np.abs(np.diff(stripes[inner, inner], axis=1)).sum()
+        return float(np.abs(np.diff(blurred[inner, inner], axis=1)).sum() / sharp)
+
+    assert kept_detail(64) == pytest.approx(kept_detail(224), rel=0.05)
+    assert kept_detail(64) > 0.7 and kept_detail(64, s=2.0) < 0.1  # the unscaled blur erases the stripes
+
+    cfg = load_config(
+        Path(__file__).resolve().parents[2] / "configs/pretrain/slotcon.yaml",
+        ["data.image_size=32", "augment.blur_sigma=[0.2, 0.4]"],
+        schema=PretrainConfig,
+    )
+    assert build_transform(cfg, "pretrain").blur_sigma == (0.2, 0.4)
