@@ -17,7 +17,8 @@ Each stage reuses what an earlier call finished, so an interrupted study continu
 
 Usage:
     python benchmarks/validity.py --out runs/validity                 # the study (under an hour on 2 cores)
-    python benchmarks/validity.py --out runs/validity --dec-grid 7 14 28 0 --dec-grid-epochs 5 --finetune-iters 80
+    python benchmarks/validity.py --out runs/validity --dec-grid 7 14 28 0 --dec-grid-epochs 5 --finetune-iters 80 \
+        --r50-flops --json benchmarks/results/validity_dec_grid.json    # + about 55 min
     python benchmarks/validity.py --out /tmp/v --quick               # a two-minute smoke run of every stage
 """
 
