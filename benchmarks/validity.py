@@ -122,24 +122,39 @@ FINETUNE_COMMON = [
 ]
 
 
+def probe_settings(out: Path, size: dict) -> dict:
+    """The linear probe's ``probe.*`` settings, shared by the online probe during pre-training and the probe of
+    the final networks: the labelled train (fit) and val (score) images, never test."""
+    return {
+        "name": "folder",
+        "root": str(out / "data" / "labeled"),
+        "num_classes": len(CLASS_NAMES),
+        "images": size["probe_images"],
+        "val_images": size["probe_val_images"],
+        "size": 64,
+        "steps": 200,
+    }
+
+
+def pretrain_steps(size: dict) -> int:
+    """Optimiser steps of a pre-training run of ``size`` (the last partial batch is dropped)."""
+    return size["pretrain_epochs"] * size["n_unlabeled"] // size["pretrain_batch"]
+
+
 def pretrain_config(out: Path, label: str, method: str, size: dict, extra: list[str]) -> PretrainConfig:
+    """The study's pre-training config of ``method`` for run ``label``; ``extra`` overrides come last and win."""
     lr = PRETRAIN_LR * 256 / size["pretrain_batch"]
     overrides = [
         *PRETRAIN_COMMON,
         *METHODS[method],
-        *extra,
         f"data.root={out / 'data' / 'unlabeled'}",
         f"train.batch_size={size['pretrain_batch']}",
         f"train.epochs={size['pretrain_epochs']}",
         f"train.lr={lr}",
         f"out_dir={out / 'pretrain' / label}",
-        # the online linear probe on the labelled train / val images (never test), logged to probe.csv
-        f"probe.root={out / 'data' / 'labeled'}",
-        f"probe.num_classes={len(CLASS_NAMES)}",
         f"probe.every={size['probe_every']}",
-        f"probe.images={size['probe_images']}",
-        f"probe.val_images={size['probe_val_images']}",
-        "probe.steps=200",
+        *(f"probe.{key}={value}" for key, value in probe_settings(out, size).items()),
+        *extra,
     ]
     return load_config(REPO / "configs" / "pretrain" / f"{method}.yaml", overrides, schema=PretrainConfig)
 
@@ -208,7 +223,9 @@ def flops_per_image(cfg: PretrainConfig, size: int, encoder: str) -> dict[str, f
     return flops
 
 
-def probe_scores(out: Path, runs: dict[str, Path], seeds: list[int]) -> dict[str, dict[str, float]]:
+def probe_scores(
+    out: Path, runs: dict[str, Path], seeds: list[int], size: dict
+) -> dict[str, dict[str, float]]:
     """Linear-probe val mIoU (%) of the frozen encoder and decoder features of each pre-trained network and of
     randomly initialised ones (one per seed), with the engine's :class:`~decon_med.engine.probe.OnlineProbe` on
     the labelled training images (fit) and validation images (score); never the test images."""
@@ -229,16 +246,7 @@ def probe_scores(out: Path, runs: dict[str, Path], seeds: list[int]) -> dict[str
         cfg = from_dict(PretrainConfig, checkpoint["config"])
         if probe is None:
             raw = dict(checkpoint["config"])
-            raw["probe"] = {
-                **raw.get("probe", {}),
-                "name": "folder",
-                "root": str(out / "data" / "labeled"),
-                "num_classes": len(CLASS_NAMES),
-                "images": 48,
-                "val_images": 16,
-                "size": 64,
-                "steps": 200,
-            }
+            raw["probe"] = {**raw.get("probe", {}), **probe_settings(out, size)}
             probe = OnlineProbe(from_dict(PretrainConfig, raw))
         method = build_method(cfg)
         method.load_state_dict(checkpoint["method"])
@@ -355,9 +363,9 @@ def main() -> None:
     grid_size = {**size, "pretrain_epochs": grid_epochs}
     # at another length every grid, the default included, is pre-trained again: like is compared with like
     suffix = "" if grid_epochs == size["pretrain_epochs"] else f"_e{grid_epochs}"
+    defaults = {method: pretrain_config(out, method, method, size, []) for method in ("decon_sl", "decon_ml")}
     for grid in args.dec_grid or []:
-        for method in ("decon_sl", "decon_ml"):
-            default = pretrain_config(out, method, method, size, [])
+        for method, default in defaults.items():
             if grid == default.ssl.dec_grid and not suffix:  # the main run already has this grid
                 label, cfg = method, default
             else:
@@ -369,7 +377,7 @@ def main() -> None:
             dec_grid[label] = {
                 "method": method,
                 "dec_grid": grid,
-                "pretrain_steps": grid_epochs * size["n_unlabeled"] // size["pretrain_batch"],
+                "pretrain_steps": pretrain_steps(grid_size),
                 "pretrain_seconds": seconds,
                 "gflop_per_img_study": flops_per_image(cfg, 64, "resnet18"),
                 # no pooling at 224 px puts 4096-wide heads on every pixel: too large to count on a CPU
@@ -387,7 +395,7 @@ def main() -> None:
         dec_grid_summary = dec_grid_paired = []
 
     probe_runs = {label: out / "pretrain" / label for label in [*METHODS, *dec_grid]}
-    probe = probe_scores(out, probe_runs, size["seeds"])
+    probe = probe_scores(out, probe_runs, size["seeds"], size)
 
     result = {
         "probe": probe,

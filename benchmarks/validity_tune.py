@@ -23,6 +23,7 @@ from validity import (
     health_summary,
     pretrain_and_export,
     pretrain_config,
+    pretrain_steps,
     probe_curve,
     probe_scores,
 )
@@ -68,11 +69,11 @@ def run_candidate(out: Path, label: str, progress: bool) -> dict:
     }
     return {
         "method": method,
-        "steps": epochs * FULL["n_unlabeled"] // FULL["pretrain_batch"],
+        "steps": pretrain_steps(size),
         "overrides": overrides,
         "pretrain_seconds": seconds,
         "health": health,
-        "probe": probe_scores(out, {label: run}, [])[label],
+        "probe": probe_scores(out, {label: run}, [], size)[label],
         "probe_curve": probe_curve(run),
     }
 

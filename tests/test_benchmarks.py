@@ -93,6 +93,7 @@ def test_validity_study_configs_tables_and_health(tmp_path, monkeypatch):
         assert candidate.ssl.method == method
         if "paper" in label:
             assert candidate.ssl.teacher_temp == 0.07 and candidate.augment.blur_sigma == [0.1, 2.0]
+        assert candidate.probe.root is None if tune.NO_PROBE in overrides else candidate.probe.root is not None
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.csv").write_text(

@@ -336,7 +336,8 @@ class TwoViewTransform(_RandomTransform):
     Photometric augmentation (``color=True``), ``recipe="byol"`` following SlotCon / BYOL:
 
     - ``rgb`` with 3 channels: ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, ToGray p 0.2, Gaussian blur sigma
-      ``blur_sigma`` (the recipe's 0.1-2.0 px at 224 px, scaled to ``size``) always on view 1 and p 0.1 on view 2, Solarize(0.5) p 0.2 on view 2.
+      ``blur_sigma`` (the recipe's 0.1-2.0 px at 224 px, scaled to ``size``) always on view 1 and p 0.1 on
+      view 2, Solarize(0.5) p 0.2 on view 2.
     - ``gray`` / ``mr`` / ``ct`` (and 1-channel ``rgb``): no hue, saturation or ToGray, which are meaningless
       for intensity images; brightness/contrast jitter (0.4, 0.4) p 0.8, random gamma in [0.7, 1.5] p 0.5, the
       same blur rule, and light Gaussian noise (std 0.01-0.04, identical on all channels) p 0.5 on view 2 in
