@@ -5,7 +5,8 @@ Each command takes a YAML config plus ``key.sub=value`` overrides where it needs
     decon-med check-data configs/finetune/isic.yaml data.root=/data/isic2017
     decon-med synth --kind refuge --out data/refuge_synth --n 16
 
-Errors in configs or data print one ``error: ...`` line and exit with status 2.
+Options and ``key=value`` words may come in any order. Errors in configs or data print one ``error: ...`` line
+and exit with status 2.
 """
 
 from __future__ import annotations
@@ -17,17 +18,21 @@ import sys
 from pathlib import Path
 
 from decon_med import __version__, distributed
+from decon_med.cli_args import ANY_ORDER, SubcommandParser, positive_int, seed_int
 from decon_med.cli_cost import add_commands as add_cost_commands
 from decon_med.cli_experiment import add_commands as add_experiment_commands
 from decon_med.cli_finetune import add_commands as add_finetune_commands
 from decon_med.cli_predict import add_commands as add_predict_commands
 from decon_med.cli_train import add_commands as add_train_commands
-from decon_med.errors import DeconError, error_line
+from decon_med.errors import DeconError, error_line, interrupted
+from decon_med.folders import atomic_write, check_not_input
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from decon_med.data.synthetic import synthesize
 
+    if args.kind == "folder" and args.n < 3:  # one image each for train, val and test
+        raise DeconError(f"--n: the folder kind needs at least 3 images (train, val, test), got {args.n}")
     try:
         counts = synthesize(args.kind, args.out, n=args.n, seed=args.seed, overwrite=args.overwrite)
     except FileExistsError as exc:
@@ -45,28 +50,46 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
 
     files, overrides = split_config_args([args.config, *args.overrides])
     cfg = load_config(files, overrides, require=("data",))
+    inputs = [("data root", cfg.data.root), *(("config file", f) for f in files)]
+    for option, destination in (("--json", args.json), ("--preview", args.preview)):
+        if destination:
+            check_not_input(destination, inputs, option)
     print_summary("check-data", cfg, None, method="none (reading every file)")
     summary = check_dataset(cfg, progress=not args.quiet)
     print(format_summary(summary))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=1))
+        atomic_write(Path(args.json).expanduser(), json.dumps(summary, indent=1))
     if args.preview:
         from PIL import Image
 
         from decon_med.viz import preview_grid
 
-        Path(args.preview).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(preview_grid(cfg)).save(args.preview)
+        grid = preview_grid(cfg)
+        preview = Path(args.preview).expanduser()
+        fmt = Image.registered_extensions().get(preview.suffix.lower(), "PNG")
+        atomic_write(preview, lambda f: Image.fromarray(grid).save(f, fmt))
         print(f"wrote a preview of normalised training slices with their labels to {args.preview}")
     print("ok: every file was read and matches its layout")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from decon_med.demo import run_demo
+    from decon_med.demo import PRETRAIN_BATCH, QUICK_PRETRAIN, run_demo
 
-    run_demo(Path(args.out), n=args.n, seed=args.seed, progress=not args.quiet, quick=args.quick)
+    quick_batch = int(dict(o.split("=", 1) for o in QUICK_PRETRAIN).get("train.batch_size", PRETRAIN_BATCH))
+    batch = quick_batch if args.quick else PRETRAIN_BATCH
+    if args.n < batch:  # pre-training drops incomplete batches: fewer images than a batch train nothing
+        raise DeconError(
+            f"--n: the demo pre-trains on batches of {batch} images, so it needs at least {batch}, got {args.n}"
+        )
+    run_demo(
+        Path(args.out),
+        n=args.n,
+        seed=args.seed,
+        progress=not args.quiet,
+        quick=args.quick,
+        overwrite=args.overwrite,
+    )
     return 0
 
 
@@ -91,20 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="decon-med",
         description="Encoder-decoder contrastive pre-training and low-label fine-tuning for medical segmentation.",
+        epilog=ANY_ORDER,
     )
     parser.add_argument("--version", action="version", version=f"decon-med {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=SubcommandParser
+    )
 
     p = sub.add_parser("synth", help="write a small synthetic dataset in an official layout")
     p.add_argument("--kind", required=True, choices=["isic", "refuge", "folder", "nifti", "textures"])
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--n",
-        type=int,
+        type=positive_int,
         default=16,
         help="isic/refuge: training images (val/test get a quarter each); folder: all images; nifti: volumes",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_cmd_synth)
 
@@ -130,8 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick", action="store_true", help="a one-minute version: 32 + 12 images, 1 epoch, 8 runs"
     )
-    p.add_argument("--n", type=int, default=128, help="number of synthetic unlabelled images")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=positive_int, default=128, help="number of synthetic unlabelled images")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again from scratch (each step removes only what it wrote); without it, a stopped demo "
+        "continues where it stopped",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
@@ -159,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
+        if interrupted(exc):  # a Ctrl-C inside torch.save arrives wrapped in a RuntimeError
+            print("interrupted", file=sys.stderr)
+            return 130
         line = error_line(exc)  # a DeconError anywhere in the chain, or an OSError on a user's path
         if line is None:
             raise  # a bug: keep the traceback

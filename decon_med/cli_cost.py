@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from decon_med.cli_args import positive_int
+
 #: GPU sizes (GiB) of the "largest batch that fits" column; 1 GiB of each is left for the CUDA context.
 GPUS = (24, 48, 80)
 
@@ -27,7 +29,9 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     if args.cuda and not torch.cuda.is_available():
         raise DeconError("--cuda: no CUDA device is present")
     modes = args.checkpointing or [cfg.train.checkpointing]
-    report = cost_report(cfg, checkpointing=modes, batches=args.batches)
+    if len(set(args.batches)) != len(args.batches):
+        raise DeconError(f"--batches: give each batch size once, got {' '.join(map(str, args.batches))}")
+    report = cost_report(cfg, checkpointing=modes, batches=sorted(args.batches))
     print(
         f"{cfg.ssl.method}: {cfg.model.arch}-{cfg.model.encoder} @ {cfg.data.image_size}px, batch "
         f"{cfg.train.batch_size // cfg.train.accum_steps}, amp {cfg.train.amp}, optimizer {cfg.train.optimizer}"
@@ -84,7 +88,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--batches",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=[1, 2, 3],
         help="batch sizes counted on CPU (fit through them)",

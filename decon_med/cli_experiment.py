@@ -15,7 +15,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     from decon_med.experiment import load_experiment, run_experiment
 
     cfg = load_experiment(args.config, args.overrides)
-    run_experiment(cfg, dry_run=args.dry_run, progress=not args.quiet)
+    run_experiment(cfg, dry_run=args.dry_run, progress=not args.quiet, overwrite=args.overwrite)
     return 0
 
 
@@ -30,8 +30,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="fine-tune a grid of inits x transfers x label fractions x seeds and summarise it (Table 7)",
         description=(
             "Run every unfinished run of an experiment grid (finished runs are skipped, interrupted ones "
-            "resumed), then write results.csv, summary.csv and paired.csv in its out_dir and print the tables. "
-            "Exits with status 2 when a run failed (the other runs still finish)."
+            "resumed: after a crash or Ctrl-C run the same command again), then write results.csv, summary.csv "
+            "and paired.csv in its out_dir and print the tables. Exits with status 2 when a run failed (the other "
+            "runs still finish)."
         ),
     )
     p.add_argument("config", help="YAML experiment config, e.g. configs/experiment/table7_isic.yaml")
@@ -42,5 +43,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         '"overrides=[data.root=/data/isic2017]"',
     )
     p.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="run every run again from the start, finished ones included (each removes only what it wrote); "
+        "if stopped, the same command without --overwrite continues it",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_experiment)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from decon_med.cli_args import positive_int
 from decon_med.errors import ConfigError
 
 #: ``key=value`` overrides ``decon-med evaluate`` accepts (everything else comes from the checkpoint's config).
@@ -23,9 +24,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from decon_med.config import FinetuneConfig, load_config, split_config_args
     from decon_med.distributed import is_main_process
     from decon_med.engine.finetune import finetune, read_results
+    from decon_med.engine.loop import check_compile
+    from decon_med.engine.run_folder import check_config_files
 
     files, overrides = split_config_args([args.config, *args.overrides])
     cfg = load_config(files, overrides, schema=FinetuneConfig, require=("train",))
+    check_config_files(cfg.out_dir, files)  # the run folder never holds an input
+    check_compile(cfg.train)  # before any work
     run = finetune(
         cfg,
         resume=args.resume,
@@ -97,7 +102,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last.ckpt")
     p.add_argument("--overwrite", action="store_true", help="delete the run in out_dir and start again")
-    p.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations (resumable)")
+    p.add_argument(
+        "--max-iters", type=positive_int, default=None, help="stop after this many iterations (resumable)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_finetune)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from decon_med.cli_args import positive_int
+
 #: Exit status of ``predict`` when some inputs were skipped (the others were predicted).
 SKIPPED_STATUS = 3
 
@@ -64,7 +66,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=8,
         help="images or slices (with --sliding: windows) per pass",
     )

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 
+from decon_med.cli_args import positive_int
+
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from decon_med.config import PretrainConfig, load_config, split_config_args
     from decon_med.distributed import is_main_process
     from decon_med.engine.pretrain import pretrain
+    from decon_med.engine.run_folder import check_config_files
 
     files, overrides = split_config_args([args.config, *args.overrides])
     cfg = load_config(files, overrides, schema=PretrainConfig, require=("ssl",))
+    check_config_files(cfg.out_dir, files)  # the run folder never holds an input
     run = pretrain(
         cfg,
         resume=args.resume,
@@ -63,7 +67,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last.ckpt")
     p.add_argument("--overwrite", action="store_true", help="delete the run in out_dir and start again")
     p.add_argument(
-        "--max-steps", type=int, default=None, help="stop after this many optimiser steps (resumable)"
+        "--max-steps",
+        type=positive_int,
+        default=None,
+        help="stop after this many optimiser steps (resumable)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pretrain)

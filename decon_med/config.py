@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,6 +50,15 @@ ENCODER_ONLY_METHODS = ("slotcon", "densecl")
 DECODER_METHODS = ("decon_sl", "decon_ml", "decon_sl_densecl", "decon_ml_densecl")
 Loss = Literal["ce", "dice_ce"]
 Select = Literal["best", "last"]
+
+#: Largest ``seed``: numpy's generators take 32-bit unsigned seeds.
+MAX_SEED = 2**32 - 1
+#: Largest ``train.epochs`` / ``train.warmup_epochs`` (no run is meant to be longer).
+MAX_EPOCHS = 100_000
+#: Largest ``train.iters``.
+MAX_ITERS = 100_000_000
+#: Finest ``data.spacing`` in mm (finer resamples a scan to more pixels than any memory holds).
+MIN_SPACING = 0.01
 
 
 @dataclass
@@ -174,6 +185,21 @@ class DataConfig:
                 )
         _check(self.spacing is None or self.spacing >= 0, "data.spacing", "must be >= 0 (or null)")
         _check(
+            self.spacing is None or self.spacing == 0 or self.spacing >= MIN_SPACING,
+            "data.spacing",
+            f"{self.spacing:g} mm is finer than {MIN_SPACING} mm, which would resample each slice to more pixels "
+            "than memory holds (0 keeps the stored voxel grid)"
+            if self.spacing is not None
+            else "",
+        )
+        if self.cache_gb > 0 and self.cache_dir is not None:
+            folder = Path(self.cache_dir).expanduser()
+            _check(
+                not folder.exists() or folder.is_dir(),
+                "data.cache_dir",
+                f"{folder} exists and is not a folder",
+            )
+        _check(
             self.channels is None or (len(self.channels) > 0 and min(self.channels) >= 0),
             "data.channels",
             "must be a non-empty list of volume indices >= 0 (or null)",
@@ -269,6 +295,76 @@ class ModelConfig:
             )
 
 
+#: Parts of a segmentation network, as the fine-tuning recipes name them (state-dict prefixes ``encoder.``,
+#: ``decoder.``, and everything else: ``segmentation_head.``).
+NetworkPart = Literal["encoder", "decoder", "head"]
+FreezePart = Literal["encoder", "decoder"]
+TransferBN = Literal["keep", "reset", "recompute"]
+TransferBNAffine = Literal["keep", "reset"]
+
+
+@dataclass
+class LrMultConfig:
+    """Fine-tuning learning-rate multipliers per part of the network (mmseg's ``paramwise_cfg`` ``lr_mult``).
+
+    Attributes:
+        encoder: fine-tuning: the encoder's learning rate is the scheduled one times this; 0 freezes the encoder
+            for the whole run (no gradient, left out of the optimiser, BatchNorm statistics fixed).
+        decoder: fine-tuning: the same for the decoder.
+        head: fine-tuning: the same for the segmentation head (every parameter outside encoder and decoder).
+    """
+
+    encoder: float = 1.0
+    decoder: float = 1.0
+    head: float = 1.0
+
+    def validate(self) -> None:
+        for key in ("encoder", "decoder", "head"):
+            value = getattr(self, key)
+            _check(
+                math.isfinite(value) and value >= 0,
+                f"train.lr_mult.{key}",
+                f"must be a finite number >= 0 (0 freezes the part), got {value}",
+            )
+        _check(
+            any(getattr(self, key) > 0 for key in ("encoder", "decoder", "head")),
+            "train.lr_mult",
+            "freezes every part of the network; at least one multiplier must be > 0",
+        )
+
+
+@dataclass
+class FreezeConfig:
+    """Frozen warm-up of fine-tuning (LP-FT, Kumar et al. 2022): some parts are held fixed at the start.
+
+    Attributes:
+        parts: fine-tuning: parts held fixed during the first ``iters`` iterations, ``encoder`` and / or
+            ``decoder`` (no gradient, no optimiser update, BatchNorm layers in eval mode so their running
+            statistics stay as loaded); then everything trains, on the same learning-rate schedule.
+        iters: fine-tuning: length of the frozen warm-up in iterations (0 = off); when it ends follows from the
+            iteration, so a resumed run freezes and unfreezes exactly as an uninterrupted one.
+    """
+
+    parts: list[FreezePart] = field(default_factory=list)
+    iters: int = 0
+
+    def validate(self) -> None:
+        _check(self.iters >= 0, "train.freeze.iters", f"must be >= 0 (0 = off), got {self.iters}")
+        _check(
+            len(set(self.parts)) == len(self.parts), "train.freeze.parts", f"has repeated parts: {self.parts}"
+        )
+        _check(
+            self.iters == 0 or bool(self.parts),
+            "train.freeze.parts",
+            f"must name the parts to freeze (encoder, decoder) when train.freeze.iters is {self.iters}",
+        )
+        _check(
+            not self.parts or self.iters > 0,
+            "train.freeze.iters",
+            f"must be >= 1 when train.freeze.parts is set ({', '.join(self.parts)}); 0 freezes nothing",
+        )
+
+
 @dataclass
 class TrainConfig:
     """Optimisation: budget, optimiser, schedule, precision and checkpointing.
@@ -306,6 +402,9 @@ class TrainConfig:
             extra FLOPs and the results are unchanged (see docs/benchmarks.md).
         health_patience: pre-training: warn (once per signal) when a level's health signal stays collapsed or
             uniform for this many consecutive log steps (0 = never; see README "Is pre-training learning?").
+        lr_mult: fine-tuning: learning-rate multiplier of each part of the network (``encoder``, ``decoder``,
+            ``head``); each part gets its own optimiser groups. All 1 = off.
+        freeze: fine-tuning: frozen warm-up, ``{parts: [encoder], iters: N}``. Off (``iters: 0``) by default.
     """
 
     batch_size: int = 16
@@ -334,6 +433,8 @@ class TrainConfig:
     compile: bool = False
     checkpointing: Checkpointing = "none"
     health_patience: int = 5
+    lr_mult: LrMultConfig = field(default_factory=LrMultConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
     def validate(self) -> None:
         _check(self.health_patience >= 0, "train.health_patience", "must be >= 0 (0 = never warn)")
@@ -354,6 +455,13 @@ class TrainConfig:
             "must be [beta1, beta2], each in [0, 1)",
         )
         _check(self.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
+        _check(self.epochs <= MAX_EPOCHS, "train.epochs", f"must be <= {MAX_EPOCHS:,}, got {self.epochs:,}")
+        _check(
+            self.warmup_epochs <= MAX_EPOCHS,
+            "train.warmup_epochs",
+            f"must be <= {MAX_EPOCHS:,}, got {self.warmup_epochs:g}",
+        )
+        _check(self.iters <= MAX_ITERS, "train.iters", f"must be <= {MAX_ITERS:,}, got {self.iters:,}")
         _check(self.clip_grad >= 0, "train.clip_grad", "must be >= 0 (0 = off)")
         _check(self.poly_power > 0, "train.poly_power", "must be > 0")
         _check(
@@ -464,6 +572,14 @@ class SSLConfig:
         _check(0.0 <= self.group_loss_weight <= 1.0, "ssl.group_loss_weight", "must be in [0, 1]")
         _check(0.0 <= self.teacher_momentum <= 1.0, "ssl.teacher_momentum", "must be in [0, 1]")
         _check(self.queue_size >= 1, "ssl.queue_size", "must be >= 1")
+        if "densecl" in self.method:  # a global and a dense queue per head: the encoder's and each level's
+            heads = 1 + (len(self.levels) if self.method in DECODER_METHODS else 0)
+            check_memory(
+                "ssl.queue_size",
+                2 * heads * self.queue_size * self.dim_out * 4,
+                f"the DenseCL queues ({heads} head(s) x 2 queues x {self.queue_size:,} x ssl.dim_out "
+                f"{self.dim_out} x 4 bytes)",
+            )
         _check(self.contrast_temp > 0, "ssl.contrast_temp", "must be > 0")
         _check(0.0 <= self.dense_weight <= 1.0, "ssl.dense_weight", "must be in [0, 1]")
         _check(self.dense_warmup_steps >= 0, "ssl.dense_warmup_steps", "must be >= 0")
@@ -524,8 +640,23 @@ class Config:
     seed: int = 0
     out_dir: str = "runs"
 
+    def __post_init__(self) -> None:
+        if isinstance(self.out_dir, str) and self.out_dir.startswith("~"):
+            # as data.root and init: never a folder named ~
+            self.out_dir = str(Path(self.out_dir).expanduser())
+
     def validate(self) -> None:
-        _check(self.seed >= 0, "seed", "must be >= 0")
+        _check(
+            0 <= self.seed <= MAX_SEED, "seed", f"must be in [0, 2**32 - 1] (numpy's seeds), got {self.seed}"
+        )
+        views = 2 if hasattr(self, "ssl") else 1  # pre-training reads two views of each image
+        size, channels, batch = self.data.image_size, self.data.in_channels, self.train.batch_size
+        check_memory(
+            "data.image_size",
+            views * batch * channels * size * size * 4,
+            f"input batches of {size} x {size} px (train.batch_size {batch} x {views} view(s) x {channels} "
+            "channel(s) x 4 bytes)",
+        )
 
 
 @dataclass
@@ -536,15 +667,33 @@ class FinetuneConfig(Config):
         init: ``null`` (random) or an exported weights folder / safetensors file / pre-training checkpoint.
         transfer: ``random``, ``encoder`` (fresh decoder) or ``encoder_decoder`` (only the classifier is new).
         fraction: fraction of the labelled training images used, in (0, 1].
+        transfer_bn: BatchNorm running statistics of the transferred layers: ``keep`` (as pre-trained), ``reset``
+            (mean 0, variance 1, counter 0) or ``recompute`` (before the first iteration, the exact per-channel
+            mean and unbiased variance of each layer's input over the labelled training images, read without
+            augmentation, the network in training mode and nothing else updated). No effect with
+            ``transfer=random``.
+        transfer_bn_affine: BatchNorm weight and bias of the transferred layers: ``keep`` or ``reset`` (1 and 0).
+        reinit_decoder_blocks: after loading, give the last (finest) this many decoder blocks back their fresh
+            initialisation, the weights of a ``transfer=random`` run with the same seed (U-Net: ``decoder.blocks``;
+            FPN: the four pyramid levels, each with its segmentation block; FCN: its two conv layers); 0 = off.
+            Changes something only with ``transfer=encoder_decoder``.
     """
 
     init: str | None = None
     transfer: Transfer = "random"
     fraction: float = 1.0
+    transfer_bn: TransferBN = "keep"
+    transfer_bn_affine: TransferBNAffine = "keep"
+    reinit_decoder_blocks: int = 0
 
     def validate(self) -> None:
         super().validate()
         _check(0.0 < self.fraction <= 1.0, "fraction", f"must be in (0, 1], got {self.fraction}")
+        _check(
+            self.reinit_decoder_blocks >= 0,
+            "reinit_decoder_blocks",
+            f"must be >= 0 (0 = off), got {self.reinit_decoder_blocks}",
+        )
         _check(
             self.transfer == "random" or self.init is not None,
             "init",
@@ -573,6 +722,18 @@ class PretrainConfig(Config):
 
     def validate(self) -> None:
         super().validate()
+        if self.model.arch == "fcn" and self.ssl.method.startswith("decon_ml"):
+            single = self.ssl.method.replace("decon_ml", "decon_sl")
+            raise ConfigError(
+                f"config key 'ssl.method': model.arch=fcn has one decoder level, so {self.ssl.method} (several "
+                f"levels) does not apply; use {single}"
+            )
+        if self.model.arch == "fcn" and self.ssl.method in DECODER_METHODS:
+            _check(
+                all(level in (0, -1) for level in self.ssl.levels),
+                "ssl.levels",
+                f"model.arch=fcn has one decoder level (0 or -1), got {self.ssl.levels}",
+            )
         if self.ssl.method == "mim":
             _check(
                 self.data.image_size % self.ssl.mask_patch == 0,
@@ -595,7 +756,9 @@ def load_config(
 
     Args:
         path: a YAML file, several merged left to right (later files override earlier keys, sections are merged
-            key by key), or ``None`` for the schema's defaults.
+            key by key), or ``None`` for the schema's defaults. An empty section (``data:`` with every key
+            commented out) changes nothing; a file that sets no key at all is named in a ``warning: FILE sets
+            nothing`` line on stderr.
         overrides: dotlist overrides; values are parsed as YAML (``8``, ``null``, ``[0.5, 1.0]``, ``1e-3``).
         schema: the config class; ``None`` picks the narrowest one in ``SCHEMAS`` that knows every top-level key.
         require: top-level sections the files and overrides together must set (e.g. ``("ssl",)`` for
@@ -613,7 +776,13 @@ def load_config(
     paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     raw: dict[str, Any] = {}
     for file in paths:
-        merge_into(raw, read_yaml(file))
+        sections = _section_names()
+        tree = {  # a section whose keys are all commented out is empty, not a reset of the section
+            key: value for key, value in read_yaml(file).items() if not (key in sections and value is None)
+        }
+        if all(key in sections and value == {} for key, value in tree.items()):
+            print(f"warning: {file} sets nothing", file=sys.stderr)  # e.g. every key commented out
+        merge_into(raw, tree)
     for item in overrides:
         key, value = parse_override(item)
         set_nested(raw, key, value)
@@ -699,6 +868,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return loaded or {}
+
+
+def _section_names() -> set[str]:
+    """Top-level keys that are sections (``data``, ``train``, ``ssl``, ...) in any schema."""
+    return {
+        name
+        for schema in SCHEMAS
+        for name, hint in typing.get_type_hints(schema).items()
+        if dataclasses.is_dataclass(hint)
+    }
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -796,11 +975,9 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically) so a run folder records exactly what ran."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    from decon_med.folders import atomic_write
+
+    atomic_write(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _infer_schema(raw: dict[str, Any]) -> type[Config]:
@@ -884,3 +1061,34 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}': {message}")
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (psutil when installed, else ``sysconf``; 0 when unknown)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except ImportError:
+        pass
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):  # not a POSIX system
+        return 0
+
+
+def check_memory(key: str, nbytes: int, what: str) -> None:
+    """Refuse ``key`` when ``what`` (estimated at ``nbytes``) needs more than this machine's memory, before
+    anything is allocated.
+
+    Example:
+        >>> check_memory("ssl.queue_size", 10**14, "the DenseCL queues")
+        Traceback (most recent call last):
+        decon_med.errors.ConfigError: config key 'ssl.queue_size': the DenseCL queues need about 93132 GiB, ...
+    """
+    total = memory_bytes()
+    if total and nbytes > total:
+        raise ConfigError(
+            f"config key '{key}': {what} need about {nbytes / 2**30:,.0f} GiB, more than this machine's "
+            f"{total / 2**30:,.0f} GiB of memory"
+        )

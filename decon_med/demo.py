@@ -8,9 +8,14 @@
    with 2 seeds (``configs/experiment/demo.yaml``) and prints the summary, with a note on what a grid this small
    can and cannot show (``docs/validity.md`` holds the CPU-scale study).
 
-Everything lands in one folder (default ``runs/demo``), which the notebooks read. Re-running reuses what is
-finished. ``quick=True`` (``decon-med demo --quick``) runs the same steps in about a minute: fewer images, one
-pre-training epoch and an 8-run grid (25 / 100 % labels, one seed, 4 iterations per run).
+Everything lands in one folder (default ``runs/demo``), which the notebooks read. A demo stopped part-way
+(Ctrl-C, a time limit) continues where it stopped when run again: complete data is reused, a pre-training run
+resumes from its ``last.ckpt`` (written every ``train.ckpt_every`` steps), an export is redone only when missing or
+older than its run's checkpoint, finished grid runs are skipped and interrupted ones resumed. ``overwrite=True``
+(``--overwrite``) starts again from scratch through each step's own overwrite, which removes only what that step
+wrote. A folder written with other settings (another ``--n`` or ``--quick``) is refused with one line.
+``quick=True`` (``decon-med demo --quick``) runs the same steps in about a minute: fewer images, one pre-training
+epoch and an 8-run grid (25 / 100 % labels, one seed, 4 iterations per run).
 
 Example:
     >>> run_demo(Path("runs/demo"))
@@ -18,13 +23,13 @@ Example:
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from decon_med.config import PretrainConfig, load_config
+from decon_med.config import PretrainConfig, flatten, load_config, read_yaml, to_dict
 from decon_med.errors import DeconError
 
 #: The repository's configs folder (the package is installed from the repository, editable).
@@ -53,7 +58,8 @@ PRETRAIN_OVERRIDES = [
     "train.weight_decay=0.0001",
     "train.warmup_epochs=1",
     "train.amp=none",
-    "train.ckpt_every=1000",
+    "train.ckpt_every=16",  # a stopped demo resumes from here; 16 steps are a few seconds on a CPU
+    "train.keep_checkpoints=1",
     "train.log_every=4",
     "ssl.dim_hidden=256",
     "ssl.dim_out=64",
@@ -75,12 +81,24 @@ METHOD_OVERRIDES = {
 
 
 #: What ``quick=True`` changes: pre-training overrides and experiment keys.
-QUICK_PRETRAIN = ["train.epochs=1", "train.batch_size=4", "train.lr=0.064", "train.log_every=1"]
+QUICK_PRETRAIN = [
+    "train.epochs=1",
+    "train.batch_size=4",
+    "train.lr=0.064",
+    "train.log_every=1",
+    "train.ckpt_every=4",
+]
 QUICK_GRID = {
     "fractions": [0.25, 1.0],
     "seeds": [0],
     "overrides": ["train.iters=4", "train.val_every=2", "train.log_every=2", "train.ckpt_every=4"],
 }
+
+#: Pre-training keys that may differ from a run's saved config when the demo reuses it (storage only).
+SETTINGS_FREE = frozenset({"out_dir", "data.num_workers", "train.ckpt_every", "train.keep_checkpoints"})
+
+#: The hint of every "written with other settings" error.
+OVERWRITE_HINT = "pass --overwrite to start the demo again there, or choose another --out"
 
 #: Health columns printed after pre-training (when a method logs them), with a short label.
 HEALTH_COLUMNS = {"z_std": "std x sqrt(d)", "protos": "prototypes in use", "entropy": "entropy / ln K"}
@@ -98,16 +116,27 @@ def demo_pretrain_config(out: Path, method: str, data_root: Path, quick: bool = 
     return load_config(None, overrides, schema=PretrainConfig)
 
 
-def prepare_data(out: Path, n: int = 128, seed: int = 0, quick: bool = False) -> Path:
-    """The texture task in ``out/data`` (kept if already there): ``n`` unlabelled images and a labelled folder,
-    whose files are checked one by one."""
+def prepare_data(
+    out: Path, n: int = 128, seed: int = 0, quick: bool = False, overwrite: bool = False
+) -> Path:
+    """The texture task in ``out/data``: ``n`` unlabelled images and a labelled folder, whose files are checked
+    one by one. A complete dataset (``splits.json`` is written last) of the same size is kept; a partial one, or
+    any with ``overwrite``, is written again (the generator removes only what it wrote)."""
     from decon_med.config import Config, DataConfig
     from decon_med.data.check import check_dataset, format_summary
     from decon_med.data.synthetic_textures import CLASS_NAMES, make_textures
 
     root = out / "data"
-    if not (root / "labeled" / "splits.json").is_file():
-        make_textures(root, n_unlabeled=n, n_labeled=12 if quick else N_LABELED, seed=seed, overwrite=True)
+    n_labeled = 12 if quick else N_LABELED
+    if overwrite or not (root / "labeled" / "splits.json").is_file():
+        make_textures(root, n_unlabeled=n, n_labeled=n_labeled, seed=seed, overwrite=True)
+    else:
+        found = (_count(root / "unlabeled"), _count(root / "labeled" / "images"))
+        if found != (n, n_labeled):
+            raise DeconError(
+                f"{root}: holds {found[0]} unlabelled and {found[1]} labelled images, this demo needs {n} and "
+                f"{n_labeled} (it was written with another --n or --quick); {OVERWRITE_HINT}"
+            )
     data = DataConfig(
         name="folder",
         root=str(root / "labeled"),
@@ -121,10 +150,14 @@ def prepare_data(out: Path, n: int = 128, seed: int = 0, quick: bool = False) ->
 
 
 def pretrain_and_export(
-    out: Path, data_root: Path, progress: bool = True, quick: bool = False
+    out: Path, data_root: Path, progress: bool = True, quick: bool = False, overwrite: bool = False
 ) -> dict[str, Path]:
-    """Pre-train each demo method (resuming or reusing a finished run), export its weights and print how its
-    loss and health signals moved."""
+    """Pre-train each demo method, export its weights and print how its loss and health signals moved.
+
+    A finished run is reused and an unfinished one resumed from its ``last.ckpt`` (from step 0 when it wrote
+    none yet); ``overwrite`` starts every run again (``pretrain(..., overwrite=True)``). The export is written
+    again only when it is missing or out of date (:func:`export_is_current`).
+    """
     from decon_med.engine.export import export
     from decon_med.engine.pretrain import pretrain
 
@@ -132,15 +165,70 @@ def pretrain_and_export(
     for method in METHOD_OVERRIDES:
         cfg = demo_pretrain_config(out, method, data_root, quick=quick)
         run = Path(cfg.out_dir)
-        if not (run / "done.json").is_file():
-            print(f"pre-training {method} ...")
-            pretrain(cfg, resume=(run / "last.ckpt").is_file(), progress=progress)
         export_dir = run / "export"
-        if not (export_dir / "export.json").is_file():
+        if overwrite:
+            print(f"pre-training {method} ...")
+            pretrain(cfg, overwrite=True, progress=progress)
+        else:
+            check_same_settings(run, cfg)
+            if not _finished(run, cfg):
+                started = (run / "config.yaml").is_file() or (run / "last.ckpt").is_file()
+                print(f"pre-training {method}{' (continuing the stopped run)' if started else ''} ...")
+                pretrain(cfg, resume=started, progress=progress)
+        if overwrite or not export_is_current(run, export_dir):
             export(run / "last.ckpt", export_dir, overwrite=True)
         exports[method] = export_dir
         print(health_report(method, run))
     return exports
+
+
+def check_same_settings(run: Path, cfg: PretrainConfig) -> None:
+    """Refuse to reuse a pre-training run that an earlier demo started with other settings (another ``--quick``,
+    ``--seed`` ...): its config differs in a key outside :data:`SETTINGS_FREE`."""
+    try:
+        saved = flatten(read_yaml(run / "config.yaml"))
+    except DeconError:
+        return  # no config yet (or unreadable): the run itself decides
+    planned = flatten(to_dict(cfg))
+    keys = sorted(
+        k for k in saved.keys() & planned.keys() if k not in SETTINGS_FREE and saved[k] != planned[k]
+    )
+    if keys:
+        details = ", ".join(f"{k} {saved[k]!r} -> {planned[k]!r}" for k in keys[:3])
+        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+        raise DeconError(f"{run}: written by a demo with other settings ({details}{more}); {OVERWRITE_HINT}")
+
+
+def _finished(run: Path, cfg: PretrainConfig) -> bool:
+    """``done.json`` records the whole schedule of ``cfg``."""
+    try:
+        done = json.loads((run / "done.json").read_text())
+    except (OSError, ValueError):
+        return False
+    epochs = done.get("epochs") if isinstance(done, dict) else None
+    return not (isinstance(epochs, int) and epochs < cfg.train.epochs)
+
+
+def export_is_current(run: Path, export_dir: Path) -> bool:
+    """True when ``export_dir`` holds every export file, written from the step the run finished at and after
+    the run's ``last.ckpt``."""
+    from decon_med.engine.export import OUTPUTS
+
+    meta, last = export_dir / OUTPUTS["meta"], run / "last.ckpt"
+    if not all((export_dir / name).exists() for name in OUTPUTS.values()) or not last.is_file():
+        return False
+    try:
+        recorded = json.loads(meta.read_text())
+        done = json.loads((run / "done.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if (
+        not isinstance(recorded, dict)
+        or not isinstance(done, dict)
+        or recorded.get("step") != done.get("step")
+    ):
+        return False
+    return meta.stat().st_mtime >= last.stat().st_mtime
 
 
 def health_report(method: str, run: Path) -> str:
@@ -167,7 +255,7 @@ def demo_experiment(out: Path, data_root: Path, exports: dict[str, Path], quick:
     path = CONFIGS / "experiment" / "demo.yaml"
     if not path.is_file():
         raise DeconError(f"{path}: demo experiment config not found (install decon-med from its repository)")
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml(path)
     raw["finetune"] = str(CONFIGS / "finetune" / "folder.yaml")
     raw["overrides"] = [o for o in raw["overrides"] if not o.startswith("data.root=")] + [
         f"data.root={Path(data_root) / 'labeled'}"
@@ -192,16 +280,26 @@ def demo_experiment(out: Path, data_root: Path, exports: dict[str, Path], quick:
 
 
 def run_demo(
-    out: Path, n: int = 128, seed: int = 0, progress: bool = True, quick: bool = False
+    out: Path,
+    n: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+    quick: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
-    """Data -> SlotCon and DeCon-ML pre-training -> the fine-tuning grid -> summary tables, all under ``out``."""
+    """Data -> SlotCon and DeCon-ML pre-training -> the fine-tuning grid -> summary tables, all under ``out``.
+
+    Run again after a stop, it continues where it stopped; ``overwrite`` starts again from scratch, each step
+    removing only what it wrote (see the module docstring).
+    """
     from decon_med.experiment import run_experiment
 
     start = time.time()
     out = Path(out)
-    data_root = prepare_data(out, n=min(n, 32) if quick else n, seed=seed, quick=quick)
-    exports = pretrain_and_export(out, data_root, progress=progress, quick=quick)
-    paths = run_experiment(demo_experiment(out, data_root, exports, quick=quick), progress=progress)
+    data_root = prepare_data(out, n=min(n, 32) if quick else n, seed=seed, quick=quick, overwrite=overwrite)
+    exports = pretrain_and_export(out, data_root, progress=progress, quick=quick, overwrite=overwrite)
+    grid = demo_experiment(out, data_root, exports, quick=quick)
+    paths = run_experiment(grid, progress=progress, overwrite=overwrite)
     print(f"demo finished in {time.time() - start:.0f} s; results in {out / 'experiment'}")
     return paths
 

@@ -92,6 +92,11 @@ def _subclasses(cls: type) -> list[type]:
     return out
 
 
+def interrupted(exc: BaseException) -> bool:
+    """True when a ``KeyboardInterrupt`` is in the cause / context chain of ``exc``."""
+    return any(isinstance(current, KeyboardInterrupt) for current in _chain(exc))
+
+
 def find_error(exc: BaseException) -> DeconError | None:
     """The :class:`DeconError` behind ``exc``: itself, one in its cause / context chain (MONAI's
     ``applying transform`` wrapper), or one written in the traceback text of a DataLoader worker."""

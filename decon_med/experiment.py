@@ -28,8 +28,9 @@ init set to ``null`` (``inits.decon_ml=null`` on the command line) is left out o
 in anything but init / transfer / fraction / seed (:func:`check_comparable`: architecture, encoder, image size,
 iterations, loss ... — so per-transfer or per-init overrides may only change logging and storage keys,
 :data:`GRID_FREE_KEYS`), when an encoder-only method (``slotcon``, ``densecl``) is to be transferred with its
-decoder (that decoder was never trained), and when an existing init records a network the fine-tuning one
-cannot take (another encoder, or another arch for ``encoder_decoder``).
+decoder (that decoder was never trained), when an existing init records a network the fine-tuning one
+cannot take (another encoder, or another arch for ``encoder_decoder``), when an init path that an unfinished run
+needs does not exist, and when ``out_dir`` is the data root, holds it or lies inside it.
 
 A finished grid run keeps only its selected weights (``train.prune_finished=true``, a grid default): a grid of
 hundreds of runs would otherwise hold each run's optimiser state and numbered checkpoints. Add
@@ -44,9 +45,13 @@ The experiment folder ends up with::
                         bootstrap 95 % CI over the seed differences
     failed/<run>.txt    the traceback of a run that failed (removed when it later succeeds)
     experiment.yaml     the resolved experiment config
+    overwrite.json      while an ``overwrite`` call is under way: the runs it has still to run again
 
 A second call skips finished runs (``done.json`` + ``results.json``), resumes interrupted ones from their
-``last.ckpt`` and restarts those that never wrote one, so a grid survives a crash. The same seed selects the same
+``last.ckpt`` and restarts those that never wrote one, so a grid survives a crash or Ctrl-C: run the same command
+again. ``overwrite`` (``--overwrite``) runs every run again from the start, each removing only what it wrote; stopped
+part-way, it is continued by the same command without ``--overwrite`` (the runs it has not redone yet are still
+redone, and are left out of the tables until then). The same seed selects the same
 training subset for every init, which is what makes the seed-paired comparison meaningful. With three seeds the
 bootstrap resamples only three differences, so its 95 % CI is coarse (it is essentially [min, max] of the
 differences); treat it as a spread, not as a test.
@@ -83,6 +88,7 @@ from decon_med.config import (
     from_dict,
     load_config,
     parse_override,
+    read_yaml,
     set_nested,
     to_dict,
 )
@@ -114,6 +120,9 @@ GRID_DEFAULTS: tuple[str, ...] = ("train.prune_finished=true",)
 
 #: Fine-tuning keys that the grid sets for every run; overrides may not set them.
 GRID_KEYS: tuple[str, ...] = ("init", "transfer", "fraction", "seed", "out_dir")
+
+#: File in the experiment folder listing the runs an ``overwrite`` call has still to run again from the start.
+REDO_FILE = "overwrite.json"
 
 
 #: Saved-config keys ignored when a finished run is compared with the planned config.
@@ -257,7 +266,8 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
             ``inits.decon_ml=null`` (drops that init), ``"overrides=[data.root=/data/isic2017]"``.
 
     Raises:
-        ConfigError: unreadable file, unknown key, wrong type or invalid value (the message names the key).
+        ConfigError: unreadable file, duplicate or unknown key, wrong type or invalid value (the message names the
+            file or the key).
 
     Example:
         >>> load_experiment("configs/experiment/demo.yaml", ["seeds=[0]"]).seeds
@@ -266,12 +276,7 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: experiment config not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = read_yaml(path)  # the strict loader of every config: duplicate keys refused, 5e-1 a float
     for item in overrides:
         key, value = parse_override(item)
         set_nested(raw, key, value)
@@ -443,7 +448,11 @@ def plan_table(specs: Sequence[RunSpec]) -> pd.DataFrame:
 
 
 def run_experiment(
-    cfg: ExperimentConfig, dry_run: bool = False, runner: Runner | None = None, progress: bool = True
+    cfg: ExperimentConfig,
+    dry_run: bool = False,
+    runner: Runner | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Run every unfinished run of the grid, then write and print the result tables.
 
@@ -453,33 +462,51 @@ def run_experiment(
         runner: ``runner(cfg, resume=bool, overwrite=bool) -> run folder``; ``None`` uses
             :func:`decon_med.engine.finetune.finetune`.
         progress: show a progress bar over runs.
+        overwrite: run every run again from the start, finished ones included (each run removes only what it
+            wrote, through the fine-tuning run's own ``overwrite``). The runs still to redo are listed in
+            ``<out_dir>/overwrite.json`` until they finish, so a call stopped part-way and repeated without
+            ``overwrite`` still redoes them and never mixes their old results into the tables.
 
     Returns:
         ``{"runs", "results", "summary", "paired"}`` paths (only ``runs`` for a dry run).
 
     Raises:
-        ConfigError: a run's config is invalid or a needed init path is missing (before anything runs).
+        ConfigError: a run's config is invalid, ``out_dir`` is, holds or lies inside a data root, or an init path
+            that an unfinished run needs is missing (before anything runs, a dry run included).
         GridError: some runs failed (after the others finished and the tables were written).
 
     Example:
-        >>> run_experiment(load_experiment("configs/experiment/demo.yaml"), dry_run=True)
+        >>> run_experiment(load_experiment("configs/experiment/demo.yaml", ["inits.slotcon=null",
+        ...     "inits.decon_ml=null"]), dry_run=True)
         {'runs': PosixPath('runs/demo/experiment/runs')}
     """
     specs = expand_grid(cfg)
     out = Path(cfg.out_dir)
     paths = {"runs": out / "runs"}
+    _check_out_dir(cfg, specs)
     plan = plan_table(specs)
+    redo_file = out / REDO_FILE
+    redo = _read_redo(redo_file, specs)
+    if overwrite:
+        redo = {s.name for s, status in zip(specs, plan["status"], strict=True) if status != "pending"}
+    todo = [s for s, status in zip(specs, plan["status"], strict=True) if status != "done" or s.name in redo]
     _check_init_networks(cfg, specs)
-    if dry_run:
-        print(_format_plan(cfg, plan))
-        return paths
-    todo = [s for s, status in zip(specs, plan["status"], strict=True) if status != "done"]
     _check_init_paths(cfg, todo)
+    if dry_run:
+        print(_format_plan(cfg, plan, redo))
+        return paths
     pending = {s.name for s in todo}
     _note_drift([s for s in specs if s.name not in pending])
     out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        _write_redo(redo_file, redo)  # before any run is touched
+        for table in ("results.csv", "summary.csv", "paired.csv"):  # the old runs' tables
+            (out / table).unlink(missing_ok=True)
     _write_text(out / "experiment.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    print(f"experiment {cfg.name}: {len(specs)} runs, {len(specs) - len(todo)} done, {len(todo)} to run")
+    again = f", {len(redo)} of them again from the start" if redo else ""
+    print(
+        f"experiment {cfg.name}: {len(specs)} runs, {len(specs) - len(todo)} done, {len(todo)} to run{again}"
+    )
     if specs:
         first = specs[0].cfg
         print_summary(
@@ -491,8 +518,8 @@ def run_experiment(
             steps=f"{first.train.iters} iterations per run",
         )
     paths.update(results=out / "results.csv", summary=out / "summary.csv", paired=out / "paired.csv")
-    failed = _run_all(todo, runner or _finetune_runner, specs, paths["results"], progress)
-    results = write_results(specs, paths["results"])
+    failed = _run_all(todo, runner or _finetune_runner, specs, paths["results"], progress, redo, redo_file)
+    results = write_results([s for s in specs if s.name not in redo], paths["results"])
     report(cfg, results, paths)
     if failed:
         raise GridError(failed, len(specs), paths)
@@ -500,43 +527,103 @@ def run_experiment(
 
 
 def _run_all(
-    todo: Sequence[RunSpec], runner: Runner, specs: Sequence[RunSpec], results_csv: Path, progress: bool
+    todo: Sequence[RunSpec],
+    runner: Runner,
+    specs: Sequence[RunSpec],
+    results_csv: Path,
+    progress: bool,
+    redo: set[str] | None = None,
+    redo_file: Path | None = None,
 ) -> list[str]:
     from tqdm.auto import tqdm
 
+    redo = set() if redo is None else redo
     failed = []
     bar = tqdm(todo, desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
     for spec in bar:
         bar.set_postfix_str(spec.name)
-        error = run_one(spec, runner)
+        error = run_one(spec, runner, overwrite=spec.name in redo)
         if error is None:
-            write_results(specs, results_csv)
+            if spec.name in redo and redo_file is not None:
+                redo.discard(spec.name)
+                _write_redo(redo_file, redo)
+            write_results([s for s in specs if s.name not in redo], results_csv)
         else:
             failed.append(spec.name)
             tqdm.write(error)
     return failed
 
 
-def run_one(spec: RunSpec, runner: Runner) -> str | None:
+def run_one(spec: RunSpec, runner: Runner, overwrite: bool = False) -> str | None:
     """Run (or resume / restart) one grid point; returns ``None`` or a one-line failure message.
 
-    An interrupted run is resumed from its ``last.ckpt``, or restarted (``overwrite=True``) when it has none. The
-    traceback of a failure goes to ``<out_dir>/failed/<run>.txt``.
+    An interrupted run is resumed from its ``last.ckpt``, or restarted (``overwrite=True``) when it has none;
+    ``overwrite`` restarts it in any case. The traceback of a failure goes to ``<out_dir>/failed/<run>.txt``.
     """
     run_dir = spec.run_dir
     log = run_dir.parent.parent / "failed" / f"{spec.name}.txt"
-    resume = (run_dir / "last.ckpt").is_file()
+    resume = not overwrite and (run_dir / "last.ckpt").is_file()
     overwrite = run_dir.is_dir() and any(run_dir.iterdir()) and not resume
     try:
         runner(spec.cfg, resume=resume, overwrite=overwrite)
         if run_status(run_dir) != "done":
             raise DeconError(f"{run_dir}: the run returned without done.json and results.json")
     except Exception as exc:  # a failed run must not stop the grid
+        if _interrupted(exc):  # Ctrl-C met inside a write (torch.save turns it into a RuntimeError): stop
+            raise KeyboardInterrupt from exc
         log.parent.mkdir(parents=True, exist_ok=True)
         _write_text(log, traceback.format_exc())
         return f"run {spec.name} failed: {type(exc).__name__}: {exc} (traceback: {log})"
     log.unlink(missing_ok=True)
     return None
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """True when a KeyboardInterrupt is in the chain of ``exc`` (its cause or the exception it interrupted)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _read_redo(path: Path, specs: Sequence[RunSpec]) -> set[str]:
+    """The runs of the grid that an earlier ``overwrite`` call left to run again (none when unreadable)."""
+    try:
+        names = json.loads(path.read_text())["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    known = {s.name for s in specs}
+    return {n for n in names if isinstance(n, str) and n in known} if isinstance(names, list) else set()
+
+
+def _write_redo(path: Path, redo: set[str]) -> None:
+    if redo:
+        _write_text(path, json.dumps({"runs": sorted(redo)}, indent=1) + "\n")
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _check_out_dir(cfg: ExperimentConfig, specs: Sequence[RunSpec]) -> None:
+    """Refuse an ``out_dir`` that is, holds or lies inside a data root of the grid's runs: the grid writes and
+    (with ``overwrite``) removes files there, and a data loader would list them as images."""
+    out = Path(cfg.out_dir).expanduser().resolve()
+    for root in sorted({str(s.cfg.data.root) for s in specs if s.cfg.data.root}):
+        data = Path(root).expanduser().resolve()
+        if out == data:
+            where = "is the data root"
+        elif out in data.parents:
+            where = f"holds the data root {root}"
+        elif data in out.parents:
+            where = f"lies inside the data root {root}"
+        else:
+            continue
+        raise ConfigError(
+            f"config key 'out_dir': '{cfg.out_dir}' {where}; choose an out_dir outside the data"
+        )
 
 
 def _finetune_runner(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> Path:
@@ -660,19 +747,16 @@ def write_results(specs: Sequence[RunSpec], path: Path) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
-def _format_plan(cfg: ExperimentConfig, plan: pd.DataFrame) -> str:
+def _format_plan(cfg: ExperimentConfig, plan: pd.DataFrame, redo: set[str] = frozenset()) -> str:
     counts = plan["status"].value_counts()
     tally = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "interrupted", "pending"))
-    missing = [
-        f"inits.{label}.path '{init.path}' does not exist yet"
-        for label, init in cfg.inits.items()
-        if init.path is not None and not Path(init.path).exists()
-    ]
     lines = [
         f"experiment {cfg.name}: {len(plan)} runs in {cfg.out_dir}/runs ({tally})",
         plan.to_string(index=False),
     ]
-    return "\n".join(lines + [f"note: {m}" for m in missing])
+    if redo:
+        lines.append(f"note: {len(redo)} of them run again from the start (overwrite)")
+    return "\n".join(lines)
 
 
 def _column_name(cls: Any) -> str:

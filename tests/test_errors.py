@@ -26,6 +26,7 @@ from decon_med.data.synthetic import make_isic, make_nifti
 from decon_med.engine import finetune as finetune_module
 from decon_med.engine.checkpoint import load_checkpoint, save_checkpoint
 from decon_med.errors import DataError, DeconError, error_line, find_error
+from decon_med.folders import Manifest
 
 FINETUNE = {
     "data": {"name": "isic2017", "root": "x", "image_size": 64, "num_workers": 0},
@@ -299,20 +300,27 @@ def test_overwrite_never_deletes_foreign_files(world, tmp_path, capsys, monkeypa
     shutil.copytree(world["run"], out)
     (out / "notes.txt").write_text("mine")
     (out / "mydata").mkdir()
+    (out / "mydata" / "x.csv").write_text("1")
     ft = ["finetune", str(world["ft"]), f"data.root={world['isic']}"]
-    line = one_line_error(
-        capsys, [*ft, f"out_dir={out}", "--overwrite"], "did not write (mydata/, notes.txt)"
-    )
-    assert "run" in line and (out / "notes.txt").read_text() == "mine" and (out / "last.ckpt").is_file()
+    quick = ["train.iters=1", "train.val_every=1", "--quiet"]
+    assert cli.main([*ft, f"out_dir={out}", *quick, "--overwrite"]) == 0  # only what the run recorded goes
+    assert (out / "notes.txt").read_text() == "mine" and (out / "mydata" / "x.csv").read_text() == "1"
+    assert json.loads((out / "done.json").read_text())["step"] == 1
 
-    legacy = tmp_path / "legacy"  # written before run folders were marked: only run files, so it is a run
+    unmarked = tmp_path / "unmarked"  # another tool's best.ckpt + config.yaml: not a run, whatever it holds
+    shutil.copytree(world["run"], unmarked)
+    (unmarked / ".decon-run").unlink()
+    before = sorted(p.name for p in unmarked.iterdir())
+    one_line_error(capsys, [*ft, f"out_dir={unmarked}", "--overwrite"], "holds no run")
+    assert sorted(p.name for p in unmarked.iterdir()) == before
+
+    legacy = tmp_path / "legacy"  # marked without a manifest: it owns nothing, so nothing is replaced
     shutil.copytree(world["run"], legacy)
-    (legacy / ".decon-run").unlink()
-    assert (
-        cli.main([*ft, f"out_dir={legacy}", "train.iters=1", "train.val_every=1", "--overwrite", "--quiet"])
-        == 0
-    )
-    assert (legacy / ".decon-run").is_file()
+    (legacy / ".decon-manifest").unlink()
+    before = {p.name: p.read_bytes() for p in legacy.iterdir() if p.is_file()}
+    one_line_error(capsys, [*ft, f"out_dir={legacy}", *quick, "--overwrite"], "which decon-med did not write")
+    assert {p.name: p.read_bytes() for p in legacy.iterdir() if p.is_file()} == before
+    assert not Manifest(legacy).entries()
 
     user = tmp_path / "user"
     user.mkdir()
@@ -329,7 +337,9 @@ def test_overwrite_never_deletes_foreign_files(world, tmp_path, capsys, monkeypa
     assert (tmp_path / "here" / "last.ckpt").is_file()
     (tmp_path / "here" / "notes.txt").write_text("mine")
     one_line_error(
-        capsys, ["synth", "--kind", "folder", "--out", ".", "--n", "4", "--overwrite"], "current folder"
+        capsys,
+        ["synth", "--kind", "folder", "--out", ".", "--n", "4", "--overwrite"],
+        "holds no synthetic dataset",
     )
     assert (tmp_path / "here" / "notes.txt").is_file() and (tmp_path / "here" / "last.ckpt").is_file()
 
@@ -463,3 +473,15 @@ def test_error_line_unwraps_monai_and_worker_errors():
         == "/x/y: No such file or directory"
     )
     assert error_line(ValueError("a bug")) is None
+
+
+def test_a_wrapped_ctrl_c_is_an_interruption(monkeypatch, capsys):
+    def stopped(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:  # as torch.save wraps it
+            raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos") from exc
+
+    monkeypatch.setattr(cli, "_cmd_config_reference", stopped)
+    assert cli.main(["config-reference"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"

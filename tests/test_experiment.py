@@ -410,8 +410,12 @@ def test_every_shipped_grid_is_listed():
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED_GRIDS))
-def test_shipped_grids_pass_dry_run_with_one_network(monkeypatch, capsys, name):
-    monkeypatch.chdir(REPO)
+def test_shipped_grids_pass_dry_run_with_one_network(monkeypatch, capsys, tmp_path, name):
+    monkeypatch.chdir(tmp_path)  # a checkout whose pre-training runs are exported (a dry run needs its inits)
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    for spec in load_experiment(f"configs/experiment/{name}.yaml").inits.values():
+        if spec.path is not None:
+            Path(spec.path).mkdir(parents=True, exist_ok=True)
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["experiment", f"configs/experiment/{name}.yaml", "--dry-run", "--quiet"])
@@ -499,3 +503,116 @@ def test_init_recording_another_decoder_is_refused_before_anything_runs(exp_file
     # encoder transfer alone takes an FCN-pre-trained encoder
     run_experiment(load_experiment(exp_file, ["transfers=[encoder]"]), runner=runner, progress=False)
     assert len(runner.calls) == 27
+
+
+def test_duplicate_key_in_a_grid_config_is_refused_naming_the_file_and_key(tmp_path, weights):
+    path = write_experiment(tmp_path, weights)
+    path.write_text(path.read_text() + "seeds: [4]\n")
+    with pytest.raises(ConfigError, match=f"{re.escape(str(path))}: .*duplicate key 'seeds'") as info:
+        load_experiment(path)
+    assert "\n" not in str(info.value)
+
+
+def test_fractions_in_exponent_notation_are_floats(tmp_path, weights):
+    path = write_experiment(tmp_path, weights)
+    path.write_text(re.sub(r"fractions:(\n- [0-9.]+)+", "fractions: [5e-1, 1.0]", path.read_text()))
+    cfg = load_experiment(path)
+    assert cfg.fractions == [0.5, 1.0] and isinstance(cfg.fractions[0], float)
+    assert {s.fraction for s in expand_grid(cfg)} == {0.5, 1.0}
+
+
+def test_missing_init_path_is_refused_by_a_dry_run_too(exp_file, weights, capsys):
+    weights["decon_ml"].rmdir()
+    runner = FakeRunner()
+    with pytest.raises(
+        ConfigError, match=f"inits.decon_ml.path': '{re.escape(str(weights['decon_ml']))}'"
+    ) as info:
+        run_experiment(load_experiment(exp_file), dry_run=True, runner=runner, progress=False)
+    assert "\n" not in str(info.value) and runner.calls == []
+    assert "runs in" not in capsys.readouterr().out  # refused before the plan is listed
+    # once every run that needs it has finished, the missing weights no longer matter
+    cfg = load_experiment(exp_file)
+    for spec in expand_grid(cfg):
+        if spec.init == "decon_ml":
+            FakeRunner()(spec.cfg)
+    run_experiment(cfg, dry_run=True, runner=runner, progress=False)
+
+
+@pytest.mark.parametrize("where", ["is", "holds", "inside"])
+def test_out_dir_at_in_or_around_the_data_root_is_refused(tmp_path, weights, where):
+    data = tmp_path / "data" / "isic"
+    data.mkdir(parents=True)
+    out = {"is": data, "holds": tmp_path / "data", "inside": data / "experiment"}[where]
+    path = write_experiment(
+        tmp_path,
+        weights,
+        overrides=[f"data.root={data}", "model.encoder=resnet18", "model.arch=unet"],
+        out_dir=str(out),
+    )
+    runner = FakeRunner()
+    for dry_run in (True, False):
+        with pytest.raises(ConfigError, match="config key 'out_dir'.*data root") as info:
+            run_experiment(load_experiment(path), dry_run=dry_run, runner=runner, progress=False)
+        assert "\n" not in str(info.value)
+    assert runner.calls == [] and sorted(p.name for p in tmp_path.joinpath("data").iterdir()) == ["isic"]
+    assert list(data.iterdir()) == []
+
+
+def test_overwrite_runs_every_run_again_and_a_stopped_overwrite_continues(finished):
+    cfg, _, paths, _ = finished
+    keep = paths["runs"].parent / "notes.txt"
+    keep.write_text("mine")
+
+    class StopAfter(FakeRunner):
+        def __call__(self, run_cfg, resume=False, overwrite=False):
+            if len(self.calls) == 5:
+                raise KeyboardInterrupt
+            return super().__call__(run_cfg, resume=resume, overwrite=overwrite)
+
+    first = StopAfter()
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, runner=first, progress=False, overwrite=True)
+    assert len(first.calls) == 5 and all(not r and o for _, r, o in first.calls)
+    assert not paths["summary"].exists()  # the old tables went with the old runs
+    assert len(pd.read_csv(paths["results"])) == 5  # only the runs already redone
+    # the same command without --overwrite redoes the remaining 31 (finished but stale) runs
+    rest = FakeRunner()
+    run_experiment(cfg, runner=rest, progress=False)
+    assert len(rest.calls) == 31 and all(not r and o for _, r, o in rest.calls)
+    assert {n for n, _, _ in first.calls}.isdisjoint(n for n, _, _ in rest.calls)
+    assert len(pd.read_csv(paths["results"])) == 36 and paths["summary"].is_file()
+    assert not (paths["runs"].parent / "overwrite.json").exists()
+    assert keep.read_text() == "mine"
+    again = FakeRunner()
+    run_experiment(cfg, runner=again, progress=False)
+    assert again.calls == []
+
+
+def test_cli_experiment_takes_overwrite(exp_file):
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["experiment", str(exp_file), "--overwrite"]).overwrite
+
+
+def test_ctrl_c_inside_a_run_stops_the_grid(exp_file):
+    """A KeyboardInterrupt that a library turned into another exception (torch.save's writer raises a RuntimeError
+    when interrupted) stops the grid instead of counting as a failed run; the same command continues."""
+
+    class InterruptedWrite(FakeRunner):
+        def __call__(self, cfg, resume=False, overwrite=False):
+            if len(self.calls) == 2:
+                self.calls.append((Path(cfg.out_dir).name, resume, overwrite))
+                try:
+                    raise KeyboardInterrupt
+                except KeyboardInterrupt:
+                    raise RuntimeError("unexpected pos 73264320 vs 73264208") from None
+            return super().__call__(cfg, resume=resume, overwrite=overwrite)
+
+    cfg = load_experiment(exp_file)
+    runner = InterruptedWrite()
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, runner=runner, progress=False)
+    assert len(runner.calls) == 3 and not (Path(cfg.out_dir) / "failed").exists()
+    rest = FakeRunner()
+    run_experiment(cfg, runner=rest, progress=False)
+    assert len(rest.calls) == 34

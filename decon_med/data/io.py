@@ -94,4 +94,14 @@ def read_mask(path: str | Path) -> np.ndarray:
         if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
             raise DataError(path, "mask has colour (R, G, B differ); expected a single-channel label image")
         arr = arr[..., 0]
+    if arr.dtype.kind in "fc":  # a float mask (32-bit TIFF): whole values are class values, never truncated
+        finite = np.isfinite(arr)
+        if not finite.all():
+            raise DataError(path, "mask holds non-finite values (NaN or inf); masks must be integer-valued")
+        off = arr != np.rint(arr)
+        if off.any():
+            raise DataError(
+                path,
+                f"mask holds non-integer values (e.g. {float(arr[off].flat[0]):g}); masks must be integer-valued",
+            )
     return arr.astype(np.int64)

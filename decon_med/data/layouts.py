@@ -171,6 +171,8 @@ class LabeledFolder(Layout):
 
     def _split_ids(self, ids: list[str], split: str) -> list[str]:
         splits_file = self.root / "splits.json"
+        if splits_file.exists() and not splits_file.is_file():  # never fall back to random splits silently
+            raise DataError(splits_file, "is not a file; splits.json must be a JSON file of id lists")
         if splits_file.is_file():
             try:
                 splits = json.loads(splits_file.read_text())

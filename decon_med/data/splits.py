@@ -21,6 +21,7 @@ from sklearn.model_selection import KFold
 from sklearn.utils import check_random_state
 
 from decon_med.errors import DataError
+from decon_med.folders import atomic_write
 
 
 def fraction_size(n_groups: int, fraction: float) -> int:
@@ -79,13 +80,10 @@ def check_split_lists(splits: dict, path: str | Path) -> None:
 def write_split(items: list[dict], path: str | Path, **info) -> None:
     """Write the chosen ids (and any ``info`` such as fraction / seed) as JSON, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = dict(info)
     record["n_images"] = len({_group(it) for it in items})
     record["ids"] = sorted({_group(it) for it in items})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(record, indent=1))
 
 
 def read_split(path: str | Path) -> list[str]:

@@ -20,13 +20,16 @@ import csv
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
-from decon_med.folders import OwnedFolder
+from decon_med.errors import DeconError
+from decon_med.folders import SYNTH_MARKER, OwnedFolder, atomic_write, record_written
+from decon_med.folders import make_folder as _mkdir
 
 SYNTH_KINDS: tuple[str, ...] = ("isic", "refuge", "folder", "nifti", "textures")
 
@@ -43,24 +46,6 @@ _REFUGE_BACKGROUND, _REFUGE_DISC, _REFUGE_CUP = 255, 128, 0
 
 
 # -- shared helpers -------------------------------------------------------------------------------------------
-#: Marker file of a synthetic dataset folder, written first.
-SYNTH_MARKER = ".decon-synth"
-#: Top-level entries the generators write; ``overwrite`` removes only these.
-SYNTH_ENTRIES: tuple[str, ...] = (
-    "ISIC-2017_*",
-    "Annotation-Training400",
-    "REFUGE-*",
-    "Training400",
-    "Test400",
-    "images",
-    "masks",
-    "splits.json",
-    "sub-*",
-    "unlabeled",
-    "labeled",
-)
-
-
 def _prepare_out(out: str | Path, overwrite: bool) -> Path:
     """Create ``out`` and mark it; a non-empty folder is an error unless ``overwrite``.
 
@@ -68,15 +53,27 @@ def _prepare_out(out: str | Path, overwrite: bool) -> Path:
     folder holding anything else, the current folder or a parent of it, the home folder and ``/``.
     """
     out = Path(out)
-    owned = OwnedFolder(out, SYNTH_MARKER, SYNTH_ENTRIES)
+    owned = OwnedFolder(out, SYNTH_MARKER)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
     if not owned.is_empty():
         if not overwrite:
             raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it")
-        owned.clear(what="synthetic dataset folder")
+        if not owned.is_marked():
+            raise DeconError(
+                f"{out}: folder is not empty and holds no synthetic dataset ({owned.describe_foreign()}); "
+                "choose another folder"
+            )
+        owned.check_no_collisions()
+        owned.clear()
     owned.create()
     return out
+
+
+def _save_image(array: np.ndarray, mode: str, path: Path, **params: Any) -> None:
+    """Write an image (format from the file suffix) atomically, recorded in the folder's manifest."""
+    fmt = Image.registered_extensions()[path.suffix.lower()]
+    atomic_write(path, lambda f: Image.fromarray(array, mode).save(f, fmt, **params))
 
 
 def _held_out_size(n: int) -> int:
@@ -153,7 +150,8 @@ def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, dtype: type) -
     image.set_data_dtype(dtype)
     image.set_sform(affine, code=1)
     image.set_qform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _mkdir(path.parent)
+    record_written(path)
     nib.save(image, str(path))
 
 
@@ -224,6 +222,7 @@ def _superpixels(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def _write_isic_metadata(rng: np.random.Generator, path: Path, ids: list[str]) -> None:
+    record_written(path)
     with path.open("w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["image_id", "age_approximate", "sex"])
@@ -260,17 +259,17 @@ def make_isic(out: str | Path, n: int = 16, seed: int = 0, *, overwrite: bool = 
     next_id = 0
     for split, (data_name, gt_name) in _ISIC_SPLITS.items():
         data_dir, gt_dir = root / data_name, root / gt_name
-        data_dir.mkdir()
-        gt_dir.mkdir()
+        _mkdir(data_dir)
+        _mkdir(gt_dir)
         ids = [f"ISIC_{next_id + i:07d}" for i in range(counts[split])]
         next_id += counts[split]
         for index, image_id in enumerate(ids):
             image, mask = _isic_image(rng)
-            Image.fromarray(image, "RGB").save(data_dir / f"{image_id}.jpg", quality=92)
-            Image.fromarray(mask, "L").save(gt_dir / f"{image_id}_segmentation.png")
+            _save_image(image, "RGB", data_dir / f"{image_id}.jpg", quality=92)
+            _save_image(mask, "L", gt_dir / f"{image_id}_segmentation.png")
             if index % 4 == 0:
                 superpixels = _superpixels(rng, *mask.shape)
-                Image.fromarray(superpixels, "RGB").save(data_dir / f"{image_id}_superpixels.png")
+                _save_image(superpixels, "RGB", data_dir / f"{image_id}_superpixels.png")
         _write_isic_metadata(rng, data_dir / f"{data_name}_metadata.csv", ids)
     return counts
 
@@ -338,10 +337,10 @@ def _fundus(rng: np.random.Generator, size: int, glaucoma: bool) -> tuple[np.nda
 
 
 def _save_refuge(image: np.ndarray, mask: np.ndarray, image_path: Path, mask_path: Path) -> None:
-    image_path.parent.mkdir(parents=True, exist_ok=True)
-    mask_path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image, "RGB").save(image_path, quality=92)
-    Image.fromarray(mask, "L").save(mask_path)
+    _mkdir(image_path.parent)
+    _mkdir(mask_path.parent)
+    _save_image(image, "RGB", image_path, quality=92)
+    _save_image(mask, "L", mask_path)
 
 
 def make_refuge(out: str | Path, n: int = 16, seed: int = 0, *, overwrite: bool = False) -> dict[str, int]:
@@ -489,8 +488,8 @@ def make_folder(
         raise ValueError(f"fmt must be 'png' or 'nifti', got {fmt!r}")
     _check_n(n, minimum=3)
     root = _prepare_out(out, overwrite)
-    (root / "images").mkdir()
-    (root / "masks").mkdir()
+    _mkdir(root / "images")
+    _mkdir(root / "masks")
     rng = np.random.default_rng(seed)
     ids = [f"case_{i:03d}" for i in range(n)]
     affine = _affine((0.9, 0.9, 2.5), (48, 48, 12))
@@ -498,14 +497,14 @@ def make_folder(
     for case in ids:
         if fmt == "png":
             image, mask = _organ_slice(rng)
-            Image.fromarray(image, "RGB").save(root / "images" / f"{case}.png")
-            Image.fromarray(mask, "L").save(root / "masks" / f"{case}.png")
+            _save_image(image, "RGB", root / "images" / f"{case}.png")
+            _save_image(mask, "L", root / "masks" / f"{case}.png")
         else:
             volume, mask = _organ_volume(rng)
             _save_nifti(volume, affine, root / "images" / f"{case}.nii.gz", np.float32)
             _save_nifti(mask, affine, root / "masks" / f"{case}.nii.gz", np.uint8)
     splits = _split_ids(rng, ids)
-    (root / "splits.json").write_text(json.dumps(splits, indent=1) + "\n")
+    atomic_write(root / "splits.json", json.dumps(splits, indent=1) + "\n")
     return {split: len(members) for split, members in splits.items()}
 
 
@@ -689,9 +688,9 @@ def make_nnunet(
         "numTraining": n,
         "file_ending": ".nii.gz",
     }
-    (root / "dataset.json").write_text(json.dumps(meta, indent=1) + "\n")
+    atomic_write(root / "dataset.json", json.dumps(meta, indent=1) + "\n")
     msd = {"labels": {"0": "background", "1": "organ", "2": "lesion"}, **datalist}
-    (root / "datalist.json").write_text(json.dumps(msd, indent=1) + "\n")
+    atomic_write(root / "datalist.json", json.dumps(msd, indent=1) + "\n")
     return {"train": n, "test": n_test}
 
 

@@ -24,10 +24,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from decon_med.data.synthetic import _prepare_out
+from decon_med.data.synthetic import _prepare_out, _save_image
+from decon_med.folders import atomic_write
+from decon_med.folders import make_folder as _mkdir
 
 __all__ = ["CLASS_NAMES", "TEXTURE_SIZE", "make_textures", "texture_image"]
 
@@ -117,24 +118,24 @@ def make_textures(
     if n_unlabeled < 0:
         raise ValueError(f"n_unlabeled must be >= 0, got {n_unlabeled}")
     root = _prepare_out(out, overwrite)
-    (root / "unlabeled").mkdir(parents=True, exist_ok=True)
-    (root / "labeled" / "images").mkdir(parents=True, exist_ok=True)
-    (root / "labeled" / "masks").mkdir(parents=True, exist_ok=True)
+    _mkdir(root / "unlabeled")
+    _mkdir(root / "labeled" / "images")
+    _mkdir(root / "labeled" / "masks")
 
     rng = np.random.default_rng(seed)
     for i in range(n_unlabeled):
         image, _ = texture_image(rng)
-        Image.fromarray(image, "RGB").save(root / "unlabeled" / f"img_{i:04d}.png")
+        _save_image(image, "RGB", root / "unlabeled" / f"img_{i:04d}.png")
     ids = [f"case_{i:03d}" for i in range(n_labeled)]
     for case in ids:
         image, mask = texture_image(rng)
-        Image.fromarray(image, "RGB").save(root / "labeled" / "images" / f"{case}.png")
-        Image.fromarray(mask, "L").save(root / "labeled" / "masks" / f"{case}.png")
+        _save_image(image, "RGB", root / "labeled" / "images" / f"{case}.png")
+        _save_image(mask, "L", root / "labeled" / "masks" / f"{case}.png")
     n_val, n_test = max(1, round(n_labeled / 6)), max(1, round(n_labeled / 3))
     splits = {
         "train": ids[: n_labeled - n_val - n_test],
         "val": ids[n_labeled - n_val - n_test : n_labeled - n_test],
         "test": ids[n_labeled - n_test :],
     }
-    (root / "labeled" / "splits.json").write_text(json.dumps(splits, indent=1) + "\n")
+    atomic_write(root / "labeled" / "splits.json", json.dumps(splits, indent=1) + "\n")
     return {"unlabeled": n_unlabeled, **{split: len(members) for split, members in splits.items()}}

@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from decon_med.errors import DataError
+
 #: Bump when the stored format changes: old entries are then never read (and age out by LRU).
 CACHE_VERSION = 1
 
@@ -120,6 +122,8 @@ class VolumeCache:
             raise ValueError(f"max_gb must be >= 0, got {max_gb}")
         self.folder = Path(folder).expanduser() if folder else default_cache_dir()
         self.max_bytes = int(max_gb * 1e9)
+        if self.max_bytes > 0 and self.folder.exists() and not self.folder.is_dir():  # no write would land
+            raise DataError(self.folder, "cache folder (data.cache_dir) exists and is not a folder")
 
     @property
     def enabled(self) -> bool:

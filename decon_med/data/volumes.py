@@ -51,6 +51,7 @@ from decon_med.data.geometry import from_canonical as _from_canonical
 from decon_med.data.intensity import MR_NORMALISATIONS, channel_ranges, contradiction, resolve_modality
 from decon_med.data.volume_cache import VolumeCache, cache_key
 from decon_med.errors import DataError
+from decon_med.folders import record_written
 
 #: NIfTI suffixes, matched case-insensitively; ``.nii.gz`` first so it wins over ``.nii``.
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -244,11 +245,26 @@ def _decode(path: Path) -> tuple[np.ndarray, np.ndarray]:
     in 0.8 s against 2.0 s, and the geometry steps work on the numpy array anyway.
     """
     image = _check_header(path)
+    stored = np.dtype(image.get_data_dtype())
+    if stored.kind == "c":
+        raise DataError(path, f"complex-valued data ({stored}); expected real intensities or labels")
+    _check_affine(np.asarray(image.affine, dtype=np.float64), path)
     try:
         data = np.asarray(image.get_fdata(dtype=np.float32), dtype=np.float32)
     except Exception as exc:  # EOFError, zlib.error, OSError, ValueError, ... from the decoder
         raise DataError(path, f"unreadable NIfTI data, truncated or corrupt file ({_problem(exc)})") from exc
     return data, np.asarray(image.affine, dtype=np.float64)
+
+
+def _check_affine(affine: np.ndarray, path: Path) -> None:
+    """A usable voxel-to-world affine: finite, and every voxel axis has a non-zero size."""
+    if not np.isfinite(affine).all():
+        raise DataError(path, "affine holds NaN or inf; the file has no usable voxel geometry")
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    if not (sizes > 0).all():
+        axis = int(np.argmin(sizes))
+        what = "is all zero" if not affine[:3, :3].any() else f"gives voxel axis {axis} size 0"
+        raise DataError(path, f"affine {what}; the file has no usable voxel geometry")
 
 
 def _as_image(data: np.ndarray, path: Path, select: Sequence[int] | None) -> np.ndarray:
@@ -879,5 +895,6 @@ def write_volume(
     image = image_class(data, np.asarray(affine, dtype=np.float64), header=header)
     image.header.set_data_dtype(data.dtype)
     image.header.set_slope_inter(None, None)
+    record_written(path)  # inside a folder decon-med owns: listed in its manifest
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(image, path)

@@ -23,9 +23,13 @@ import numpy as np
 import torch
 
 from decon_med.errors import DataError
+from decon_med.folders import atomic_write, record_written
 
 #: Entries of a checkpoint dict that may hold the network's state dict, tried in order by :func:`load_state_file`.
 STATE_KEYS: tuple[str, ...] = ("network", "state_dict", "model")
+#: Entries of a checkpoint that hold weights (the fine-tuned network, the pre-training method), checked for NaN /
+#: inf by :func:`load_checkpoint`.
+WEIGHT_KEYS: tuple[str, ...] = ("network", "method")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -37,18 +41,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
         >>> save_checkpoint({"step": 3}, "run/last.ckpt")
         PosixPath('run/last.ckpt')
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    path = atomic_write(Path(path), lambda f: torch.save(state, f))
     _fsync_dir(path.parent)
     return path
 
@@ -59,6 +52,7 @@ def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     Replacing ``dst`` later never changes ``src``: the rename swaps the directory entry, not the file.
     """
     src, dst = Path(src), Path(dst)
+    record_written(dst)
     tmp = dst.with_name(dst.name + ".tmp")
     tmp.unlink(missing_ok=True)
     try:
@@ -78,7 +72,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` onto the CPU (``weights_only=True``).
 
     Raises:
-        DataError: the file is missing, truncated, or holds something other than plain data and tensors.
+        DataError: the file is missing, truncated, holds something other than plain data and tensors, or its
+            weights (:data:`WEIGHT_KEYS`) hold NaN or inf (the message names the first such tensor).
 
     Example:
         >>> load_checkpoint("run/last.ckpt")["step"]
@@ -93,6 +88,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise DataError(path, _load_problem(exc, "checkpoint")) from exc
     if not isinstance(state, dict):
         raise DataError(path, f"not a checkpoint: holds a {type(state).__name__}, not a dict")
+    check_finite_state({key: state[key] for key in WEIGHT_KEYS if isinstance(state.get(key), dict)}, path)
     return state
 
 
@@ -104,7 +100,8 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     :func:`pretrained_network_state`) is returned.
 
     Raises:
-        DataError: the file is missing, unreadable or holds no state dict (the message names the file).
+        DataError: the file is missing, unreadable, holds no state dict, or holds NaN / inf weights (the message
+            names the file and the first such tensor).
 
     Example:
         >>> sd = load_state_file("weights/encoder.safetensors")
@@ -117,9 +114,11 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path), device="cpu")
+            state = load_file(str(path), device="cpu")
         except Exception as exc:
             raise DataError(path, f"not a readable safetensors file ({_first_line(exc)})") from exc
+        check_finite_state(state, path)
+        return state
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -129,6 +128,7 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise DataError(
             path, "holds no state dict (expected tensors, or a 'network'/'state_dict'/'model' entry)"
         )
+    check_finite_state(state, path)
     return state
 
 

@@ -47,6 +47,8 @@ from decon_med.engine.loop import autocast
 from decon_med.engine.model_io import load_segmentation_model, resolve_checkpoint
 from decon_med.engine.volume_metrics import VolumeCases, mean_scores, write_case_csv
 from decon_med.errors import ConfigError, DataError, DeconError
+from decon_med.folders import atomic_write, check_not_input, make_folder
+from decon_med.locks import folder_lock
 from decon_med.metrics import ConfusionMatrix
 
 SPLITS = ("train", "val", "test")
@@ -227,11 +229,30 @@ def evaluate(
         split, items = ALL, all_items(cfg)
     else:
         items = get_layout(cfg.data).items(split)
+    folder = Path(out).expanduser() if out is not None else checkpoint.parent
+    check_not_input(folder, [("data root", cfg.data.root)], "the evaluation folder")
+    with folder_lock(folder, "evaluate"):
+        return _evaluate_into(
+            folder, checkpoint, network, cfg, state, split, items, save_predictions, progress
+        )
+
+
+def _evaluate_into(
+    folder: Path,
+    checkpoint: Path,
+    network: nn.Module,
+    cfg: FinetuneConfig,
+    state: dict[str, Any],
+    split: str,
+    items: list,
+    save_predictions: bool,
+    progress: bool,
+) -> dict[str, Any]:
+    """The body of :func:`evaluate` once ``folder`` is locked."""
     from decon_med.summary import print_summary
 
     print_summary("evaluate", cfg, {split: items}, steps=f"checkpoint iteration {int(state.get('step', 0))}")
     network.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    folder = Path(out) if out is not None else checkpoint.parent
     predictions = folder / f"predictions_{split}" if save_predictions else None
     classes = int(state["network_meta"]["classes"])
     metrics = evaluate_network(
@@ -327,10 +348,7 @@ def format_table(metrics: dict[str, Any]) -> str:
 
 def write_json(path: Path, record: dict[str, Any]) -> None:
     """Write ``record`` as indented JSON, atomically (NaN scores are written as ``NaN``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(record, indent=1) + "\n")
 
 
 def _percent(value: float) -> str:
@@ -339,11 +357,13 @@ def _percent(value: float) -> str:
 
 def _prediction_writer(folder: Path) -> Callable[[str, torch.Tensor], None]:
     """Writes an original-size arg-max mask as ``<folder>/<id>.png`` (uint8 class indices)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
 
     def save(sample_id: str, mask: torch.Tensor) -> None:
         name = str(sample_id).replace("/", "_").replace("\\", "_")
         array = mask.to(torch.uint8).cpu().numpy()
-        Image.fromarray(np.ascontiguousarray(array)).save(folder / f"{name}.png")
+        atomic_write(
+            folder / f"{name}.png", lambda f: Image.fromarray(np.ascontiguousarray(array)).save(f, "PNG")
+        )
 
     return save

@@ -26,16 +26,24 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
 from decon_med.config import ModelConfig
 from decon_med.engine.checkpoint import exported_prefix, load_checkpoint, pretrained_network_state
 from decon_med.errors import DataError, DeconError
+from decon_med.folders import (
+    EXPORT_MARKER,
+    OwnedFolder,
+    atomic_write,
+    check_not_input,
+    make_folder,
+    record_written,
+)
 
 #: Output names, as returned by :func:`export`.
 OUTPUTS: dict[str, str] = {
@@ -71,23 +79,35 @@ def export(
     checkpoint = load_checkpoint(checkpoint_path)
     meta = checkpoint_meta(checkpoint, checkpoint_path)
     network = rebuild_network(checkpoint, meta, checkpoint_path)
-    out = _prepare_out(Path(out_dir), overwrite)
+    out = _prepare_out(Path(out_dir).expanduser(), overwrite, checkpoint_path)
     paths = {name: out / filename for name, filename in OUTPUTS.items()}
 
     state = network.state_dict()
-    save_file(_select(state, ("encoder.",)), str(paths["encoder"]), metadata={"format": "pt"})
-    save_file(
-        _select(state, ("encoder.", "decoder.")), str(paths["encoder_decoder"]), metadata={"format": "pt"}
+    atomic_write(paths["encoder"], save_safetensors(_select(state, ("encoder.",)), metadata={"format": "pt"}))
+    atomic_write(
+        paths["encoder_decoder"],
+        save_safetensors(_select(state, ("encoder.", "decoder.")), metadata={"format": "pt"}),
     )
-    network.save_pretrained(str(paths["smp"]))
+    _save_smp(network, paths["smp"])
     record = {
         **meta,
         "branch": "teacher" if exported_prefix(checkpoint) == "teacher." else "student",
         "source": str(checkpoint_path.resolve()),
         "step": int(checkpoint.get("step", 0)),
     }
-    paths["meta"].write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write(paths["meta"], json.dumps(record, indent=1) + "\n")
     return paths
+
+
+def _save_smp(network: torch.nn.Module, folder: Path) -> None:
+    """smp's ``save_pretrained`` into a staging folder, then each file recorded and moved into ``folder`` (a
+    foreign file of the same name there stops the export instead of being replaced)."""
+    make_folder(folder)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".smp-staging-") as staging:
+        network.save_pretrained(staging)
+        for file in sorted(Path(staging).iterdir()):
+            record_written(folder / file.name)
+            os.replace(file, folder / file.name)
 
 
 def checkpoint_meta(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -102,7 +122,9 @@ def checkpoint_meta(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
     meta.setdefault("classes", 1)
     if not meta["arch"] or not meta["encoder"]:
         raise DataError(path, "the checkpoint does not record the network's arch and encoder")
-    return {key: meta[key] for key in ("arch", "encoder", "in_channels", "classes")}
+    from decon_med.models.network import check_recorded_network
+
+    return check_recorded_network(meta, path)  # an arch or encoder this installation lacks: one line
 
 
 def rebuild_network(checkpoint: dict[str, Any], meta: dict[str, Any], path: Path) -> torch.nn.Module:
@@ -131,17 +153,22 @@ def _select(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[s
     return {k: v.detach().cpu().contiguous().clone() for k, v in state.items() if k.startswith(prefixes)}
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
+def _prepare_out(out: Path, overwrite: bool, checkpoint_path: Path) -> Path:
+    """Make ``out`` a marked export folder (never one holding the source checkpoint); ``overwrite`` removes only
+    the files an earlier export recorded, and a folder without the export marker is never overwritten."""
+    check_not_input(out, [("source checkpoint", checkpoint_path)], "--out")
     if out.exists() and not out.is_dir():
         raise DeconError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    owned = OwnedFolder(out, EXPORT_MARKER)
+    if not owned.is_empty():
+        if not owned.is_marked():
+            raise DeconError(
+                f"{out}: folder is not empty and holds no export ({owned.describe_foreign()}); choose another --out"
+            )
         if not overwrite:
             raise DeconError(f"{out}: folder is not empty; pass --overwrite to replace the export")
-        for name in OUTPUTS.values():
-            target = out / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
+        owned.check_no_collisions()
+        owned.clear(guard=True)
+    owned.create()
     out.mkdir(parents=True, exist_ok=True)
     return out

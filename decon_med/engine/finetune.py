@@ -28,6 +28,12 @@ repeats within a batch, each repeat differently augmented; every image is seen e
 **Resume** is bit-exact on CPU, as for pre-training: the batch of an iteration depends only on (seed, iteration),
 and the optimiser, scaler, generator states, best score and last validation are in every checkpoint.
 
+**Recipes** (:mod:`decon_med.engine.recipes`, all off by default): per-part learning-rate multipliers
+(``train.lr_mult``), a frozen warm-up (``train.freeze``), the transferred BatchNorm layers' statistics and affine
+parameters (``transfer_bn``, ``transfer_bn_affine``) and re-initialised decoder blocks (``reinit_decoder_blocks``).
+The transfer recipes are applied once, to a new run's network (a resumed run reads its checkpoint), and recorded
+under ``recipes`` in ``init_report.json``.
+
 Example:
     >>> cfg = load_config("configs/finetune/isic.yaml", ["data.root=/data/isic2017", "init=weights/ml",
     ...                    "transfer=encoder_decoder", "fraction=0.05", "out_dir=runs/ft/ml_5pc_s0"])
@@ -39,6 +45,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import time
@@ -64,9 +71,19 @@ from decon_med.engine.loop import IntervalMeter, TrainingSession, autocast
 from decon_med.engine.model_io import load_segmentation_model, model_part, segmentation_state
 from decon_med.engine.optim import build_optimizer, poly_schedule
 from decon_med.engine.pretrain import MetricsLogger, RunPaths, seed_everything
-from decon_med.engine.run_folder import prepare_run_folder, resume_is_noop
+from decon_med.engine.recipes import (
+    FreezeSchedule,
+    apply_transfer_recipes,
+    format_recipes,
+    fresh_tensors,
+    lr_mult,
+    recompute_bn_stats,
+    reinit_prefixes,
+)
+from decon_med.engine.run_folder import prepare_run_folder, resume_is_noop, run_folder_lock
 from decon_med.engine.transfer import format_report, load_init
 from decon_med.errors import DataError, DeconError, find_error
+from decon_med.folders import atomic_write, record_written
 from decon_med.models.network import build_network
 from decon_med.summary import print_summary
 
@@ -136,8 +153,23 @@ def finetune(
         PosixPath('runs/ft/r')
     """
     paths = FinetunePaths(Path(cfg.out_dir))
-    if resume_is_noop(paths, cfg, resume=resume, overwrite=overwrite):
-        return paths.root
+    with run_folder_lock(paths.root, "finetune"):
+        if resume_is_noop(paths, cfg, resume=resume, overwrite=overwrite):
+            return paths.root
+        _run(cfg, paths, resume, overwrite, progress, max_iters, summary)
+    return paths.root
+
+
+def _run(
+    cfg: FinetuneConfig,
+    paths: FinetunePaths,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    max_iters: int | None,
+    summary: bool | None,
+) -> None:
+    """The body of :func:`finetune` once the run folder is locked."""
     _check_micro_batch(cfg)
     classes = num_classes(cfg.data)
     class_names(cfg, classes)  # wrong-length data.class_names stop the run before anything is written
@@ -151,7 +183,7 @@ def finetune(
         stop = cfg.train.iters if max_iters is None else min(cfg.train.iters, max_iters)
         print_summary("finetune", cfg, splits, steps=f"{stop} of {cfg.train.iters} iterations")
     network, report = _initial_network(cfg, classes, fresh=checkpoint is None)
-    run = _Run(cfg, paths, network, classes, dataset, checkpoint, max_iters)
+    run = _Run(cfg, paths, network, classes, dataset, checkpoint, max_iters, report=report, items=subset)
     if distributed.is_main_process():
         save_config(cfg, paths.config)
         write_split(subset, paths.train_ids, fraction=cfg.fraction, seed=cfg.seed, n_total=len(all_train))
@@ -159,16 +191,19 @@ def finetune(
         write_json(paths.init_report, report)
         if progress:  # a grid of runs keeps its output to one line per run; the report is in the run folder
             print(format_report(report))
+            if report.get("recipes"):
+                print(format_recipes(report["recipes"]))
     run.train(progress)
-    return paths.root
 
 
 def _initial_network(cfg: FinetuneConfig, classes: int, fresh: bool) -> tuple[nn.Module, dict | None]:
-    """The network, seeded and initialised from ``cfg.init`` for a new run (a resumed one loads its checkpoint)."""
+    """The network, seeded and initialised from ``cfg.init`` for a new run (a resumed one loads its checkpoint),
+    with the transfer recipes applied (``transfer_bn=recompute`` is left to :class:`_Run`, on the device)."""
     if not fresh:
         return build_network(cfg.model, in_channels=cfg.data.in_channels, classes=classes), None
     seed_everything(cfg.seed)
     network = build_network(cfg.model, in_channels=cfg.data.in_channels, classes=classes)
+    fresh_blocks = fresh_tensors(network, reinit_prefixes(network, cfg.reinit_decoder_blocks, cfg.model.arch))
     report = load_init(
         network,
         cfg.init,
@@ -177,6 +212,14 @@ def _initial_network(cfg: FinetuneConfig, classes: int, fresh: bool) -> tuple[nn
         encoder=cfg.model.encoder,
         in_channels=cfg.data.in_channels,
     )
+    applied = apply_transfer_recipes(network, cfg, report, fresh_blocks)
+    mult = lr_mult(cfg.train)
+    if mult is not None:
+        applied["lr_mult"] = mult
+    if cfg.train.freeze.iters > 0:
+        applied["freeze"] = {"parts": list(cfg.train.freeze.parts), "iters": cfg.train.freeze.iters}
+    if applied:
+        report["recipes"] = applied
     return network, report
 
 
@@ -228,6 +271,8 @@ class _Run(TrainingSession):
         dataset: Dataset,
         checkpoint: dict[str, Any] | None,
         max_iters: int | None,
+        report: dict[str, Any] | None = None,
+        items: list[dict] | None = None,
     ):
         self.cfg, self.paths, self.classes, self.dataset = cfg, paths, classes, dataset
         self.device = distributed.device()
@@ -237,17 +282,52 @@ class _Run(TrainingSession):
         self.network = network.to(self.device)
         if train.channels_last:
             self.network.to(memory_format=torch.channels_last)
+        recipes = (report or {}).get("recipes", {})
+        if checkpoint is None and recipes.get("transfer_bn") == "recompute":
+            recipes["bn_recompute"] = self._recompute_bn(recipes["transfer_bn_layers"], items)
         self.network.train()
         self.loss_fn = build_loss(train.loss)
         self.lr_schedule = poly_schedule(train.lr, train.iters, power=train.poly_power, min_lr=train.min_lr)
+        self.freezing = FreezeSchedule(train)
+        self.frozen_params: list[nn.Parameter] = []
+        if self.freezing.always:  # parts with lr_mult 0: no gradient and no optimiser group, ever
+            self.freezing.apply(self.network, self.total)
         self.params = [p for p in network.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(train, network.named_parameters(), train.lr)
+        self.optimizer = build_optimizer(train, network.named_parameters(), train.lr, lr_mult=lr_mult(train))
         self.best: dict[str, Any] = {"iter": -1, "mIoU": None}
         self.last_val: dict[str, Any] | None = None
         if checkpoint is not None:
             self._load(checkpoint)
-        self.wrap_model(self.network)
+        # parts frozen for a while take no part in those backward passes: DDP must look for unused parameters
+        start = int(checkpoint["step"]) if checkpoint is not None else 0
+        self.wrap_model(
+            self.network, find_unused_parameters=self.freezing.toggles and start < train.freeze.iters
+        )
         self.init_session(checkpoint)
+
+    def _recompute_bn(self, layers: list[str], items: list[dict] | None) -> dict[str, int]:
+        """``transfer_bn=recompute``: one pass over the training images without augmentation (eval transforms,
+        each image once, micro-batches of the training size) sets the statistics of the BatchNorm ``layers``."""
+        train = self.cfg.train
+        dataset = build_dataset(self.cfg, "train", "eval", items=items)
+        loader = DataLoader(
+            dataset,
+            batch_size=train.batch_size // train.accum_steps,
+            shuffle=False,
+            num_workers=self.cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
+
+        def images() -> Iterator[torch.Tensor]:
+            for batch in loader:
+                batch_images = batch["image"].to(self.device, non_blocking=True)
+                if train.channels_last:
+                    batch_images = batch_images.contiguous(memory_format=torch.channels_last)
+                yield batch_images
+
+        with torch.random.fork_rng(devices=[]):  # the pass draws nothing from the training run's generators
+            return recompute_bn_stats(self.network, layers, images())
 
     # -- state ---------------------------------------------------------------------------------------------------
     def _load(self, checkpoint: dict[str, Any]) -> None:
@@ -298,6 +378,8 @@ class _Run(TrainingSession):
     def _optimizer_step(self, batches: Iterator[dict]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Forward / backward over ``accum_steps`` micro-batches, then clip and step; returns ({loss}, {lr})."""
         train = self.cfg.train
+        if self.freezing.active:  # derived from the iteration, so a resumed run freezes exactly the same
+            self.frozen_params = self.freezing.apply(self.network, self.step)
         total = torch.zeros((), device=self.device)
         for index in range(train.accum_steps):
             images, labels = self._inputs(next(batches))
@@ -307,6 +389,8 @@ class _Run(TrainingSession):
                 loss = self.loss_fn(logits.float(), labels)
                 self.backward(loss)
             total = total + loss.detach() / train.accum_steps
+        for p in self.frozen_params:  # whatever DDP left there: a frozen parameter is never stepped
+            p.grad = None
         lr = self.update()
         self.advance(total)
         return {"loss": total}, {"lr": lr}
@@ -461,6 +545,7 @@ class _ValLog:
         new = self.columns is None
         if new:
             self.columns = list(row)
+        record_written(self.path)
         with open(self.path, "a", newline="") as f:
             writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
             if new:
@@ -471,12 +556,11 @@ class _ValLog:
         if not rows:
             self.path.unlink(missing_ok=True)
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(self.path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.path, text.getvalue())
 
 
 def read_results(run: str | Path) -> dict[str, Any]:

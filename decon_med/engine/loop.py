@@ -57,6 +57,17 @@ def check_world_size(checkpoint: dict[str, Any], root: Any) -> None:
         )
 
 
+def check_compile(train: Any, device: torch.device | str | None = None) -> None:
+    """Refuse ``train.compile`` without a CUDA device (``device``, else any): on CPU the one-off compile runs for
+    so long that the run seems to hang."""
+    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if train.compile and not on_cuda:
+        raise ConfigError(
+            "train.compile needs a CUDA device and none is in use here (on CPU the one-off compile takes so "
+            "long the run seems to hang); set train.compile=false"
+        )
+
+
 class IntervalMeter:
     """Sums of the loss parts since the last log step, kept on the device until :meth:`collect`.
 
@@ -120,6 +131,7 @@ class TrainingSession:
                 model, device_ids=device_ids, find_unused_parameters=find_unused_parameters
             )
         if train.compile:
+            check_compile(train, self.device)
             model = torch.compile(model)
         self.model = model
         self.module = module

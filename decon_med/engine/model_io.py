@@ -20,7 +20,7 @@ from torch import nn
 
 from decon_med.config import FinetuneConfig, ModelConfig, from_dict, to_dict
 from decon_med.engine.checkpoint import load_checkpoint
-from decon_med.errors import DataError
+from decon_med.errors import ConfigError, DataError
 
 KIND = "finetune"
 
@@ -72,9 +72,10 @@ def load_segmentation_model(path: str | Path) -> tuple[nn.Module, FinetuneConfig
     """The fine-tuned network (eval mode, CPU), its config and the raw checkpoint.
 
     Raises:
-        DataError: the file is missing, is not a fine-tuning checkpoint, or its weights do not fit its network.
+        DataError: the file is missing, is not a fine-tuning checkpoint, records no usable network or config, or
+            its weights do not fit its network.
     """
-    from decon_med.models.network import build_network
+    from decon_med.models.network import build_network, check_recorded_network
 
     ckpt_path = resolve_checkpoint(path)
     ckpt = load_checkpoint(ckpt_path)
@@ -82,8 +83,13 @@ def load_segmentation_model(path: str | Path) -> tuple[nn.Module, FinetuneConfig
         raise DataError(
             ckpt_path, "not a fine-tuning checkpoint (pre-training checkpoints go through export)"
         )
-    cfg = from_dict(FinetuneConfig, ckpt["config"])
-    meta = ckpt["network_meta"]
+    meta = check_recorded_network(ckpt.get("network_meta"), ckpt_path)
+    if not isinstance(ckpt.get("config"), dict):
+        raise DataError(ckpt_path, "records no config, so its data settings are unknown")
+    try:
+        cfg = from_dict(FinetuneConfig, ckpt["config"])
+    except ConfigError as exc:
+        raise DataError(ckpt_path, f"its config cannot be read here ({exc})") from exc
     network = build_network(
         ModelConfig(arch=meta["arch"], encoder=meta["encoder"]),
         in_channels=meta["in_channels"],

@@ -2,7 +2,9 @@
 
 Biases and normalisation parameters (every parameter with at most one dimension) go into their own group with no
 weight decay; LARS also skips its trust-ratio adaptation for that group, as in SlotCon / DINO / Barlow Twins.
-Schedules are precomputed per optimiser step as numpy arrays and indexed by the step.
+Schedules are precomputed per optimiser step as numpy arrays and indexed by the step. With per-part learning-rate
+multipliers (fine-tuning's ``train.lr_mult``) each part of the network (:func:`part_of`) gets its own pair of
+groups, marked with ``part`` and ``lr_scale``; the engine sets every group's lr to ``schedule[step] * lr_scale``.
 
 Example:
     >>> lr = scaled_lr(1.0, batch_size=256)
@@ -109,21 +111,65 @@ class LARS(torch.optim.Optimizer):
         return state["mu"]
 
 
-def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+#: Parts of a segmentation network for per-part settings, in the order of their optimiser groups.
+PARTS: tuple[str, ...] = ("encoder", "decoder", "head")
+
+
+def part_of(name: str) -> str:
+    """The part of an smp network a parameter / buffer / module name belongs to: ``encoder``, ``decoder`` or
+    ``head`` (everything else: the segmentation head).
+
+    Example:
+        >>> part_of("encoder.layer1.0.conv1.weight"), part_of("segmentation_head.0.bias")
+        ('encoder', 'head')
+    """
+    for part in ("encoder", "decoder"):
+        if name == part or name.startswith(f"{part}."):
+            return part
+    return "head"
+
+
+def param_groups(
+    named_params: Iterable[tuple[str, nn.Parameter]],
+    weight_decay: float,
+    lr_mult: dict[str, float] | None = None,
+    lr: float | None = None,
+) -> list[dict]:
     """Split parameters into a regular group and a bias / norm group (ndim <= 1, no decay, no LARS adaptation).
 
     Args:
         named_params: ``(name, parameter)`` pairs, e.g. ``model.named_parameters()``; frozen ones are skipped.
         weight_decay: weight decay of the regular group.
+        lr_mult: ``{part: multiplier}`` (parts of :func:`part_of`, missing ones 1): one such pair of groups per
+            part, in :data:`PARTS` order, each marked ``part`` and ``lr_scale``; a part with multiplier 0 is left
+            out. ``None``: the two groups over all parameters.
+        lr: with ``lr_mult``, each group's initial ``lr`` is ``lr * multiplier``.
 
     Returns:
-        Two groups (an empty one is left out), each with ``params``, ``names``, ``weight_decay`` and
+        The groups (empty ones are left out), each with ``params``, ``names``, ``weight_decay`` and
         ``lars_exclude``.
 
     Example:
         >>> [len(g["params"]) for g in param_groups(nn.Linear(4, 2).named_parameters(), 1e-4)]
         [1, 1]
+        >>> net = nn.ModuleDict({"encoder": nn.Linear(4, 4), "segmentation_head": nn.Linear(4, 2)})
+        >>> [(g["part"], g["lr_scale"]) for g in param_groups(net.named_parameters(), 1e-4, {"encoder": 0.1})]
+        [('encoder', 0.1), ('encoder', 0.1), ('head', 1.0), ('head', 1.0)]
     """
+    named_params = list(named_params)
+    if lr_mult is not None:
+        groups = []
+        for part in PARTS:
+            scale = float(lr_mult.get(part, 1.0))
+            if scale == 0:
+                continue
+            own = [(name, p) for name, p in named_params if part_of(name) == part]
+            for group in param_groups(own, weight_decay):
+                group.update({"part": part, "lr_scale": scale})
+                if lr is not None:
+                    group["lr"] = lr * scale
+                groups.append(group)
+        return groups
     regular: dict = {"params": [], "names": [], "weight_decay": weight_decay, "lars_exclude": False}
     excluded: dict = {"params": [], "names": [], "weight_decay": 0.0, "lars_exclude": True}
     for name, p in named_params:
@@ -136,7 +182,10 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
 
 
 def build_optimizer(
-    train_cfg: TrainConfig, named_params: Iterable[tuple[str, nn.Parameter]], lr: float
+    train_cfg: TrainConfig,
+    named_params: Iterable[tuple[str, nn.Parameter]],
+    lr: float,
+    lr_mult: dict[str, float] | None = None,
 ) -> torch.optim.Optimizer:
     """The optimiser named by ``train_cfg.optimizer`` (``lars``, ``sgd`` or ``adamw``) over :func:`param_groups`.
 
@@ -144,11 +193,13 @@ def build_optimizer(
         train_cfg: ``optimizer``, ``weight_decay`` and ``momentum`` are read.
         named_params: ``(name, parameter)`` pairs to optimise.
         lr: initial learning rate (the engine overwrites it every step from its schedule).
+        lr_mult: per-part learning-rate multipliers (see :func:`param_groups`); ``None``: one rate for all.
 
     Example:
         >>> optimizer = build_optimizer(TrainConfig(optimizer="adamw", weight_decay=0.05), model.named_parameters(), 1e-4)
+        >>> optimizer = build_optimizer(TrainConfig(optimizer="sgd"), net.named_parameters(), 0.01, {"encoder": 0.1})
     """
-    groups = param_groups(named_params, train_cfg.weight_decay)
+    groups = param_groups(named_params, train_cfg.weight_decay, lr_mult=lr_mult, lr=lr)
     if not groups:
         raise ValueError("no trainable parameters to optimise")
     name = train_cfg.optimizer

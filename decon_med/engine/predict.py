@@ -53,6 +53,7 @@ from decon_med.data.volumes import VolumeSlices, labels_to_volume, scan_volume, 
 from decon_med.engine.checkpoint import check_finite_state
 from decon_med.engine.model_io import load_segmentation_model, resolve_checkpoint
 from decon_med.errors import DataError, DeconError
+from decon_med.folders import check_not_input
 from decon_med.summary import print_summary
 
 #: Overlay colour of each class index (RGB); index 0 (background) is left transparent. Cycled past the end.
@@ -510,10 +511,19 @@ def predict(
         >>> predict("runs/finetune/brain/best.ckpt", "scans/sub-01_T1w.nii.gz", "pred", tta=True)["predicted"]
         [{'path': 'scans/sub-01_T1w.nii.gz', 'output': 'pred/sub-01_T1w_seg.nii.gz'}]
     """
-    inputs, out = Path(inputs), Path(out_dir)
+    inputs, out = Path(inputs).expanduser(), Path(out_dir).expanduser()
     files = list_inputs(inputs, exclude=out)
-    _prepare_out(out, overwrite)
     network, cfg, state = load_segmentation_model(checkpoint)
+    check_not_input(
+        out,
+        [
+            ("input", inputs),
+            ("checkpoint", resolve_checkpoint(checkpoint)),
+            ("data root the network was trained on", cfg.data.root),
+        ],
+        "--out",
+    )
+    _prepare_out(out, overwrite)
     check_finite_state(state["network"], resolve_checkpoint(checkpoint))
     predictor = Predictor(
         network, cfg, batch_size=batch_size, mode=mode, tta=tta, largest_component=largest_component

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 import sys
@@ -47,7 +48,7 @@ from decon_med import distributed
 from decon_med.config import PretrainConfig, save_config, to_dict
 from decon_med.data.datasets import build_dataset
 from decon_med.data.stream import EpochPositions, PassStream
-from decon_med.engine.loop import IntervalMeter, TrainingSession, autocast, check_world_size
+from decon_med.engine.loop import IntervalMeter, TrainingSession, autocast, check_compile, check_world_size
 from decon_med.engine.optim import build_optimizer, cosine_schedule, scaled_lr
 from decon_med.engine.probe import OnlineProbe, ProbeLog
 from decon_med.engine.run_folder import (  # noqa: F401  (check_resumable, RESUMABLE_KEYS: public here too)
@@ -55,8 +56,10 @@ from decon_med.engine.run_folder import (  # noqa: F401  (check_resumable, RESUM
     check_resumable,
     prepare_run_folder,
     resume_is_noop,
+    run_folder_lock,
 )
 from decon_med.errors import DeconError
+from decon_med.folders import Manifest, atomic_write, make_folder, record_new_files, record_written
 from decon_med.models.network import set_checkpointing
 from decon_med.ssl.health import ENTROPY_SIGNAL, STD_SIGNAL, HealthWatchdog
 from decon_med.summary import print_summary
@@ -106,10 +109,14 @@ class RunPaths:
         return self.checkpoints / f"step_{step:07d}.ckpt"
 
     def numbered_checkpoints(self) -> list[Path]:
-        """The numbered checkpoints on disk, oldest first."""
+        """The numbered checkpoints the run wrote (recorded in its manifest), oldest first; a user's file in
+        ``checkpoints/`` is never one of them."""
         if not self.checkpoints.is_dir():
             return []
-        return sorted(self.checkpoints.glob("step_*.ckpt"))
+        recorded = Manifest(self.root).entries()
+        return sorted(
+            p for p in self.checkpoints.glob("step_*.ckpt") if f"{self.checkpoints.name}/{p.name}" in recorded
+        )
 
 
 @dataclass(frozen=True)
@@ -161,10 +168,26 @@ def pretrain(
         >>> pretrain(load_config("configs/pretrain/slotcon.yaml", ["out_dir=runs/s"]), max_steps=100)
         PosixPath('runs/s')
     """
+    check_compile(cfg.train)  # before any work
     paths = RunPaths(Path(cfg.out_dir))
-    if resume_is_noop(paths, cfg, resume=resume, overwrite=overwrite):
-        return paths.root
-    checkpoint = prepare_run_folder(paths, cfg, resume=resume, overwrite=overwrite)
+    with run_folder_lock(paths.root, "pretrain"):
+        if resume_is_noop(paths, cfg, resume=resume, overwrite=overwrite):
+            return paths.root
+        checkpoint = prepare_run_folder(paths, cfg, resume=resume, overwrite=overwrite)
+        _run(cfg, paths, checkpoint, method, progress, max_steps, summary)
+    return paths.root
+
+
+def _run(
+    cfg: PretrainConfig,
+    paths: RunPaths,
+    checkpoint: dict[str, Any] | None,
+    method: SSLMethod | None,
+    progress: bool,
+    max_steps: int | None,
+    summary: bool | None,
+) -> None:
+    """The body of :func:`pretrain` once the run folder is locked and ready."""
     dataset = build_dataset(cfg, "train", "pretrain")
     plan = make_plan(cfg, len(dataset), max_steps)
     if (progress if summary is None else summary) and distributed.is_main_process():
@@ -188,7 +211,6 @@ def pretrain(
     if distributed.is_main_process():
         save_config(cfg, paths.config)
     run.train(progress)
-    return paths.root
 
 
 def make_plan(cfg: PretrainConfig, dataset_size: int, max_steps: int | None = None) -> Plan:
@@ -417,9 +439,7 @@ class _Run(TrainingSession):
             "img_s": round(images / max(self.elapsed, 1e-9), 3),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        tmp = self.paths.done.with_name("done.json.tmp")
-        tmp.write_text(json.dumps(done, indent=1) + "\n")
-        tmp.replace(self.paths.done)
+        atomic_write(self.paths.done, json.dumps(done, indent=1) + "\n")
 
 
 class MetricsLogger:
@@ -442,12 +462,17 @@ class MetricsLogger:
             self.columns, self.rows = _truncate_csv(self.path, resumed_step)
         elif self.path.exists():
             self.path.unlink()
+        record_written(self.path)
         self.file = open(self.path, "a", newline="")
         self.writer: csv.DictWriter | None = None
         if self.columns:
             self.writer = csv.DictWriter(self.file, self.columns, extrasaction="ignore")
         purge = resumed_step + 1 if resumed_step is not None else None
+        make_folder(paths.tb)
+        before = set(paths.tb.iterdir())
         self.tb = SummaryWriter(log_dir=str(paths.tb), purge_step=purge)
+        self.tb.flush()
+        record_new_files(paths.tb, before)  # TensorBoard names its event files itself
 
     def write(self, row: dict[str, float]) -> None:
         """One CSV row and one TensorBoard scalar per column (except step and epoch)."""
@@ -476,12 +501,11 @@ def _truncate_csv(path: Path, last_step: int) -> tuple[list[str] | None, int]:
     if not columns:
         path.unlink()
         return None, 0
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
     return list(columns), len(rows)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from decon_med.config import PretrainConfig
+from decon_med.folders import atomic_write
 from decon_med.metrics import ConfusionMatrix
 from decon_med.models.network import features
 
@@ -171,12 +173,11 @@ class ProbeLog:
         if resumed_step is not None and path.is_file():
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= resumed_step]
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, self.columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(path, text.getvalue())
 
     def write(self, step: int, scores: dict[str, Any]) -> None:
         with open(self.path, "a", newline="") as f:

@@ -1,22 +1,29 @@
-"""The run folder of ``pretrain`` and ``finetune``: start, resume, overwrite, and what a run may delete.
+"""The run folder of ``pretrain`` and ``finetune``: start, resume, overwrite, one writer, and what a run may delete.
 
-A run folder is marked by a ``.decon-run`` file written before anything else. ``--overwrite`` removes only what
-a run writes (:data:`RUN_ENTRIES`) and refuses a folder holding anything else, listing it; it never empties ``/``,
-the home folder, the current folder or a parent of it, or a data root. A folder written before the marker existed
-counts as a run when it holds a checkpoint or ``done.json`` and nothing a run does not write.
+A run folder is marked by a ``.decon-run`` file written before anything else, and lists every path the run wrote
+in its manifest (:mod:`decon_med.folders`). ``--overwrite`` removes exactly those paths; files the package did not
+write stay, and a foreign file where a new run would write (a user's ``config.yaml``, ``metrics.csv``...) stops the
+run before anything is deleted. A folder without the marker is never a run, whatever it holds. The run folder may
+not be, hold or lie inside an input (the data root, the init weights): see :func:`run_inputs`.
 
 ``--resume`` continues from ``last.ckpt``; on a folder without a checkpoint yet it starts from step 0 (removing
-the run's own files only); on a finished run it does nothing and says so. ``*.tmp`` files left by a killed write
-are removed whenever a run starts.
+the run's own files only, after the same checks as ``--overwrite``); on a finished run it does nothing and says
+so. ``<path>.tmp`` files left by a killed write are removed, for recorded paths only, whenever a run starts.
+
+While a command writes into a run folder it holds the folder's lock (:mod:`decon_med.locks`): a second writer
+stops with one line naming the first.
 
 Example:
-    >>> checkpoint = prepare_run_folder(RunPaths(Path("runs/ml")), cfg, resume=True, overwrite=False)
+    >>> with run_folder_lock(cfg.out_dir, "pretrain"):
+    ...     checkpoint = prepare_run_folder(RunPaths(Path("runs/ml")), cfg, resume=True, overwrite=False)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,33 +33,11 @@ from decon_med import distributed
 from decon_med.config import flatten, to_dict
 from decon_med.engine.checkpoint import load_checkpoint
 from decon_med.errors import DeconError
-from decon_med.folders import OwnedFolder, check_deletable, resolved_path
+from decon_med.folders import RUN_MARKER, OwnedFolder, check_deletable, check_not_input
+from decon_med.locks import folder_lock
 
 #: Marker file of a run folder, written first.
-MARKER = ".decon-run"
-
-#: Top-level entries a pre-training or fine-tuning run (and ``evaluate`` into its folder) writes.
-RUN_ENTRIES: tuple[str, ...] = (
-    "config.yaml",
-    "metrics.csv",
-    "tb",
-    "checkpoints",
-    "last.ckpt",
-    "best.ckpt",
-    "done.json",
-    "val.csv",
-    "results.json",
-    "init_report.json",
-    "train_ids.json",
-    "metrics_*.json",
-    "metrics_*.csv",
-    "per_case_*.csv",
-    "predictions_*",
-    "health*",
-)
-
-#: Entries of which an unmarked folder (written before the marker existed) must hold one to count as a run.
-LEGACY_EVIDENCE: tuple[str, ...] = ("last.ckpt", "best.ckpt", "checkpoints", "done.json")
+MARKER = RUN_MARKER
 
 #: Config keys that may differ when a run is resumed (they do not change what is computed).
 RESUMABLE_KEYS: tuple[str, ...] = (
@@ -70,15 +55,52 @@ RESUMABLE_KEYS: tuple[str, ...] = (
 
 def run_folder(root: str | Path) -> OwnedFolder:
     """The :class:`~decon_med.folders.OwnedFolder` of a run folder."""
-    return OwnedFolder(Path(root), MARKER, RUN_ENTRIES)
+    return OwnedFolder(Path(root), MARKER)
 
 
 def is_run(root: str | Path) -> bool:
-    """True for a marked run folder, or an unmarked one holding a checkpoint or done.json and only run files."""
+    """True for a folder holding the run marker."""
+    return run_folder(root).is_marked()
+
+
+def run_inputs(cfg: Any) -> list[tuple[str, Any]]:
+    """``(description, path)`` of what a run reads and must never write into: the data root and the init."""
+    inputs: list[tuple[str, Any]] = [("data root", cfg.data.root)]
+    init = getattr(cfg, "init", None)
+    if init:
+        inputs.append(("init weights", init))
+    return inputs
+
+
+def check_config_files(out_dir: str | Path, files: list[str]) -> None:
+    """Refuse an ``out_dir`` that is, holds or lies inside a config file the command read, unless that file is
+    the run's own saved ``config.yaml`` (``--resume`` from it).
+
+    Raises:
+        DeconError: naming the config file.
+    """
+    root = Path(out_dir).expanduser()
+    recorded = run_folder(root).recorded()
+    for file in files:
+        path = Path(file).expanduser()
+        if path.resolve().parent == root.resolve() and path.name in recorded:
+            continue
+        check_not_input(root, [("config file", file)], "out_dir")
+
+
+@contextlib.contextmanager
+def run_folder_lock(root: str | Path, command: str) -> Iterator[None]:
+    """Hold the run folder's lock (rank 0 only) for the body.
+
+    A non-empty folder without the run marker is not locked (the run refuses it without writing anything).
+    """
+    root = Path(root).expanduser()
     owned = run_folder(root)
-    if owned.is_marked():
-        return True
-    return owned.is_owned() and any((Path(root) / name).exists() for name in LEGACY_EVIDENCE)
+    lockable = distributed.is_main_process() and not (
+        root.exists() and (not root.is_dir() or (not owned.is_empty() and not owned.is_marked()))
+    )
+    with folder_lock(root, command, enabled=lockable):
+        yield
 
 
 def resume_is_noop(paths: Any, cfg: Any, resume: bool, overwrite: bool) -> bool:
@@ -112,7 +134,7 @@ def _saved_config(paths: Any) -> dict[str, Any] | None:
 def already_finished(paths: Any, cfg: Any) -> bool:
     """True when ``done.json`` says the run finished the schedule ``cfg`` asks for (pre-training resumed with
     more ``train.epochs`` is not finished)."""
-    if not paths.done.is_file():
+    if not is_run(paths.root) or not paths.done.is_file():
         return False
     try:
         done = json.loads(paths.done.read_text())
@@ -127,20 +149,22 @@ def prepare_run_folder(paths: Any, cfg: Any, resume: bool, overwrite: bool) -> d
     from, or ``None`` to start at step 0.
 
     Under torchrun every process checks, then rank 0 alone changes the folder: it removes the run's own files
-    (``overwrite``, or ``resume`` without a checkpoint), writes the marker and removes stale ``*.tmp`` files.
+    (``overwrite``, or ``resume`` without a checkpoint), writes the marker and removes stale ``*.tmp`` files of
+    recorded paths. Call it inside :func:`run_folder_lock`.
 
     Raises:
-        DeconError: the folder holds something other than a run, holds a run and neither ``resume`` nor
-            ``overwrite`` was given, the resumed config differs, or ``overwrite`` may not empty it.
+        DeconError: the folder is or overlaps an input, holds something other than a run, holds a run and
+            neither ``resume`` nor ``overwrite`` was given, the resumed config differs, or a foreign file sits
+            where the new run writes.
     """
     checkpoint, clear = _check(paths, cfg, resume=resume, overwrite=overwrite)
     distributed.barrier()  # every process has looked before rank 0 changes anything
     if distributed.is_main_process():
         owned = run_folder(paths.root)
         if clear:
-            owned.clear(data_roots=[cfg.data.root], what="run folder", keep_foreign=not overwrite)
+            owned.clear(data_roots=[cfg.data.root], guard=overwrite)
         owned.create()
-        owned.remove_stale_tmp(subfolders=("checkpoints",))
+        owned.remove_stale_tmp()
     distributed.barrier()
     return checkpoint
 
@@ -152,23 +176,18 @@ def _check(paths: Any, cfg: Any, resume: bool, overwrite: bool) -> tuple[dict[st
         raise DeconError("pass either --resume or --overwrite, not both")
     if root.exists() and not root.is_dir():
         raise DeconError(f"{root}: exists and is not a folder")
-    if resolved_path(root) == resolved_path(cfg.data.root):
-        raise DeconError(f"{root}: out_dir is the data root; choose another out_dir")
+    check_not_input(root, run_inputs(cfg), "out_dir")
     owned = run_folder(root)
     occupied = not owned.is_empty()
-    if occupied and not is_run(root):
+    if occupied and not owned.is_marked():
         raise DeconError(
-            f"{root}: folder is not empty and holds no run ({owned.describe_foreign() or 'no .decon-run marker'}); "
+            f"{root}: folder is not empty and holds no run ({owned.describe_foreign()}; no .decon-run marker); "
             "choose another out_dir"
         )
     if overwrite:
         if occupied:  # fail before any work, on every process
             check_deletable(root, [cfg.data.root])
-            if owned.foreign():
-                raise DeconError(
-                    f"{root}: holds files that decon-med did not write ({owned.describe_foreign()}); "
-                    "refusing to overwrite this run folder: move them or choose another out_dir"
-                )
+            owned.check_no_collisions()
         return None, occupied
     if resume:
         if not paths.last.is_file():
@@ -176,6 +195,7 @@ def _check(paths: Any, cfg: Any, resume: bool, overwrite: bool) -> tuple[dict[st
                 raise DeconError(
                     f"{root}: finished run kept only its selected weights (train.prune_finished); nothing to resume"
                 )
+            owned.check_no_collisions()
             if distributed.is_main_process():
                 print(f"{root}: no checkpoint yet; starting from step 0", file=sys.stderr)
             return None, occupied

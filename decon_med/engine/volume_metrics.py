@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import math
 import warnings
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from decon_med.data.geometry import to_canonical, voxel_spacing
 from decon_med.data.layout_base import Layout
 from decon_med.data.volumes import SliceOptions, VolumeSlices, labels_to_volume, read_volume, write_volume
 from decon_med.errors import DataError
+from decon_med.folders import atomic_write
 
 #: Scores per foreground class, in CSV column order.
 METRICS = ("dice", "iou", "hd95")
@@ -200,11 +202,9 @@ def mean_scores(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 def write_case_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """One row per case (``case``, ``image``, ``label``, then ``<metric>_<class>`` columns), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     columns = list(rows[0]) if rows else ["case", "image", "label"]
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())

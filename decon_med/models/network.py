@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,8 +32,8 @@ from segmentation_models_pytorch.encoders import get_encoder
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from decon_med.config import Checkpointing, ModelConfig
-from decon_med.errors import ConfigError
+from decon_med.config import Arch, Checkpointing, ModelConfig
+from decon_med.errors import ConfigError, DataError
 
 
 class FCNDecoder(nn.Module):
@@ -105,6 +106,30 @@ class FCN(SegmentationModel):
 # ``smp.from_pretrained`` looks the class up on the smp module; make FCN folders loadable the same way.
 if not hasattr(smp, "FCN"):
     smp.FCN = FCN
+
+
+def check_recorded_network(meta: object, path: str | Path) -> dict:
+    """The ``arch``, ``encoder``, ``in_channels`` and ``classes`` a checkpoint records (its ``network_meta``),
+    checked so that :func:`build_network` can rebuild it.
+
+    Raises:
+        DataError: naming ``path``: no ``network_meta``, a missing entry, or an arch / encoder this installation
+            does not know.
+    """
+    keys = ("arch", "encoder", "in_channels", "classes")
+    if not isinstance(meta, dict):
+        raise DataError(
+            path, f"records no network_meta ({', '.join(keys)}), so its network cannot be rebuilt"
+        )
+    missing = [key for key in keys if key not in meta]
+    if missing:
+        raise DataError(path, f"network_meta lacks {', '.join(missing)}, so its network cannot be rebuilt")
+    arches = typing.get_args(Arch)
+    if meta["arch"] not in arches:
+        raise DataError(path, f"names an unknown arch {meta['arch']!r} (expected one of {', '.join(arches)})")
+    if meta["encoder"] not in smp.encoders.get_encoder_names():
+        raise DataError(path, f"names an encoder this smp installation does not have: {meta['encoder']!r}")
+    return {key: meta[key] for key in keys}
 
 
 def build_network(cfg: ModelConfig, in_channels: int = 3, classes: int = 1) -> SegmentationModel:

@@ -306,14 +306,25 @@ def test_overwrite_protection(tmp_path, kind):
     synthesize(kind, out, n=3)
     with pytest.raises(FileExistsError):
         synthesize(kind, out, n=3)
-    (out / "notes.txt").write_text("mine")
-    with pytest.raises(DeconError, match=r"did not write \(notes\.txt\)"):
-        synthesize(kind, out, n=3, seed=1, overwrite=True)
-    assert (out / "notes.txt").read_text() == "mine"
+    first = sorted(p.relative_to(out) for p in out.rglob("*"))
+    (out / "notes.txt").write_text("mine")  # foreign files stay where they are, wherever they are
+    inner = next(p for p in sorted(out.rglob("*")) if p.is_dir())
+    (inner / "mine.txt").write_text("mine too")
+    synthesize(kind, out, n=3, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (inner / "mine.txt").read_text() == "mine too"
     (out / "notes.txt").unlink()
-    first = sorted(p.name for p in out.iterdir())
-    synthesize(kind, out, n=3, seed=1, overwrite=True)
-    assert ".decon-synth" in first and sorted(p.name for p in out.iterdir()) == first
+    (inner / "mine.txt").unlink()
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == first
+
+
+def test_overwrite_refuses_a_foreign_file_where_it_writes(tmp_path):
+    out = tmp_path / "data"
+    synthesize("refuge", out, n=3)
+    (out / "splits.json").write_text("my own splits")  # where the folder generator writes its splits
+    with pytest.raises(DeconError, match=r"holds splits\.json, which decon-med did not write"):
+        synthesize("folder", out, n=3, overwrite=True)
+    assert (out / "splits.json").read_text() == "my own splits"
+    assert any((out / "Training400").rglob("*.jpg"))  # nothing was deleted before the refusal
 
 
 def test_overwrite_never_empties_the_current_folder(tmp_path, monkeypatch):

@@ -8,7 +8,6 @@ from PIL import Image
 
 from decon_med.cli import main
 from decon_med.data.synthetic_textures import TEXTURE_SIZE, make_textures, texture_image
-from decon_med.errors import DeconError
 
 
 def test_layout_counts_and_determinism(tmp_path):
@@ -16,7 +15,7 @@ def test_layout_counts_and_determinism(tmp_path):
     assert counts == {"unlabeled": 5, "train": 6, "val": 2, "test": 4}
     make_textures(tmp_path / "b", n_unlabeled=5, n_labeled=12, seed=3)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 5 + 2 * 12 + 2  # images, masks, splits.json and the folder marker
+    assert len(files) == 5 + 2 * 12 + 3  # images, masks, splits.json, the folder marker and its manifest
     for rel in files:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     splits = json.loads((tmp_path / "a" / "labeled" / "splits.json").read_text())
@@ -33,9 +32,11 @@ def test_overwrite_replaces_only_its_own_files(tmp_path):
     make_textures(tmp_path, n_unlabeled=3, n_labeled=6, overwrite=True)
     assert len(list((tmp_path / "unlabeled").iterdir())) == 3
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(DeconError, match="notes.txt"):
-        make_textures(tmp_path, n_unlabeled=2, n_labeled=6, overwrite=True)
+    (tmp_path / "unlabeled" / "my_scan.png").write_bytes(b"mine too")  # a user's file among generated ones
+    make_textures(tmp_path, n_unlabeled=2, n_labeled=6, overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "unlabeled" / "my_scan.png").read_bytes() == b"mine too"
+    assert len(list((tmp_path / "unlabeled").glob("img_*.png"))) == 2
 
 
 def test_synth_command_writes_the_texture_task(tmp_path, capsys):

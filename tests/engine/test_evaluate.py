@@ -75,11 +75,14 @@ def test_save_predictions_at_original_sizes(finished, tmp_path):
 def test_data_root_override(finished, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(finished.parent / "isic", moved)
-    metrics = evaluate(finished, split="test", out=tmp_path, data_root=str(moved), progress=False)
+    out = tmp_path / "eval"
+    metrics = evaluate(finished, split="test", out=out, data_root=str(moved), progress=False)
     assert metrics == _results(finished)["test"]
-    assert json.loads((tmp_path / "metrics_test.json").read_text())["data_root"] == str(moved)
+    assert json.loads((out / "metrics_test.json").read_text())["data_root"] == str(moved)
     with pytest.raises(DataError, match="dataset root not found"):
-        evaluate(finished, split="test", out=tmp_path, data_root=str(tmp_path / "nowhere"), progress=False)
+        evaluate(finished, split="test", out=out, data_root=str(tmp_path / "nowhere"), progress=False)
+    with pytest.raises(DeconError, match="holds the data root"):  # never a folder holding the data it scores
+        evaluate(finished, split="test", out=tmp_path, data_root=str(moved), progress=False)
 
 
 def test_bad_inputs(finished, tmp_path):

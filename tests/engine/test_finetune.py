@@ -74,6 +74,7 @@ def reference(data, tmp_path_factory) -> Iterator[Path]:
 
 def test_run_folder_and_results(reference, data):
     assert sorted(p.name for p in reference.iterdir()) == [
+        ".decon-manifest",
         ".decon-run",
         "best.ckpt",
         "checkpoints",

@@ -22,6 +22,7 @@ from decon_med.engine.checkpoint import load_checkpoint
 from decon_med.engine.export import export
 from decon_med.engine.pretrain import check_resumable, pretrain
 from decon_med.errors import DeconError
+from decon_med.folders import Manifest
 from decon_med.models.network import build_network, features
 from decon_med.ssl.base import SSLMethod
 from decon_med.ssl.ema import cosine_momentum, frozen_copy, update_momentum
@@ -124,6 +125,7 @@ def reference(isic, tmp_path_factory):
 def test_run_folder_contents(reference):
     run_dir = reference(1)
     assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".decon-manifest",
         ".decon-run",
         "checkpoints",
         "config.yaml",
@@ -133,6 +135,12 @@ def test_run_folder_contents(reference):
         "tb",
     ]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["log_every"] == 2
+    on_disk = {
+        p.relative_to(run_dir).as_posix() + ("/" if p.is_dir() else "")
+        for p in run_dir.rglob("*")
+        if not p.name.startswith(".decon-")
+    }
+    assert Manifest(run_dir).entries() >= on_disk  # every path the run wrote is recorded
     rows = read_metrics(run_dir)
     assert list(rows[0]) == ["step", "epoch", "loss", "enc", "momentum", "lr", "img_s"]
     assert [int(r["step"]) for r in rows] == [2, 4, 6] and [int(r["epoch"]) for r in rows] == [0, 1, 2]
@@ -214,15 +222,20 @@ def test_run_folder_guards(isic, tmp_path):
     assert (out / "done.json").read_bytes() == done
     with pytest.raises(DeconError, match="finished run exists; pass --overwrite to replace it"):
         run(cfg)
-    (out / "notes.txt").write_text("mine")
-    with pytest.raises(DeconError, match=r"did not write \(notes\.txt\)"):
-        run(cfg, overwrite=True)
-    assert (out / "notes.txt").read_text() == "mine" and (out / "done.json").is_file()
-    (out / "notes.txt").unlink()
-    (out / "last.ckpt.tmp").write_bytes(b"partial")
+    (out / "notes.txt").write_text("mine")  # foreign files stay; only what the run recorded goes
+    (out / "notes.tmp").write_text("mine too")  # a user's *.tmp is not a stale write of the run
+    (out / "metrics_mine.csv").write_text("mine")  # a run-like name does not make a file the run's
+    (out / "checkpoints").mkdir(exist_ok=True)
+    (out / "checkpoints" / "my_copy.ckpt").write_bytes(b"mine")
+    (out / "last.ckpt.tmp").write_bytes(b"partial")  # a killed write of a recorded path
     run(cfg, overwrite=True)
     assert [int(r["step"]) for r in read_metrics(out)] == [1, 2]
-    assert not list(out.rglob("*.tmp"))
+    assert not (out / "last.ckpt.tmp").exists()
+    for name, text in [("notes.txt", "mine"), ("notes.tmp", "mine too"), ("metrics_mine.csv", "mine")]:
+        assert (out / name).read_text() == text
+    assert (out / "checkpoints" / "my_copy.ckpt").read_bytes() == b"mine"
+    for name in ("notes.txt", "notes.tmp", "metrics_mine.csv", "checkpoints/my_copy.ckpt"):
+        (out / name).unlink()
     with pytest.raises(DeconError, match="either --resume or --overwrite"):
         run(cfg, resume=True, overwrite=True)
 
@@ -292,6 +305,8 @@ def test_export_loads_into_fresh_smp_models(reference, tmp_path):
     ckpt = reference(1) / "last.ckpt"
     files = export(ckpt, tmp_path / "export")
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [
+        ".decon-export",
+        ".decon-manifest",
         "encoder.safetensors",
         "encoder_decoder.safetensors",
         "export.json",
@@ -341,7 +356,17 @@ def test_export_loads_into_fresh_smp_models(reference, tmp_path):
     }
     with pytest.raises(DeconError, match="folder is not empty; pass --overwrite"):
         export(ckpt, tmp_path / "export")
+    (tmp_path / "export" / "smp" / "my_notes.txt").write_text("my notes")  # beside smp's own files
     assert export(ckpt, tmp_path / "export", overwrite=True) == files
+    assert (tmp_path / "export" / "smp" / "my_notes.txt").read_text() == "my notes"
+    with pytest.raises(DeconError, match="holds the source checkpoint"):
+        export(ckpt, ckpt.parent, overwrite=True)  # never into the folder it reads from
+    plain = tmp_path / "plain"  # an unmarked folder holding export-like files is never overwritten
+    plain.mkdir()
+    (plain / "export.json").write_text("{}")
+    with pytest.raises(DeconError, match="holds no export"):
+        export(ckpt, plain, overwrite=True)
+    assert (plain / "export.json").read_text() == "{}"
 
 
 def test_cli_commands(reference, isic, tmp_path, capsys):
