@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import traceback
 from collections.abc import Callable, Sequence
@@ -92,7 +91,7 @@ from decon_med.config import (
     set_nested,
     to_dict,
 )
-from decon_med.errors import ConfigError, DataError, DeconError
+from decon_med.errors import ConfigError, DataError, DeconError, interrupted
 from decon_med.experiment_report import (  # noqa: F401  (re-exported: the public tables API lives here too)
     BOOTSTRAP_SEED,
     N_BOOTSTRAP,
@@ -108,6 +107,8 @@ from decon_med.experiment_report import (  # noqa: F401  (re-exported: the publi
     summarize,
     write_csv,
 )
+from decon_med.folders import EXPERIMENT_MARKER, OwnedFolder, atomic_write, remove_written
+from decon_med.locks import folder_lock
 from decon_med.summary import print_summary
 
 InitMethod = Literal[
@@ -492,16 +493,38 @@ def run_experiment(
     todo = [s for s, status in zip(specs, plan["status"], strict=True) if status != "done" or s.name in redo]
     _check_init_networks(cfg, specs)
     _check_init_paths(cfg, todo)
+    owned = OwnedFolder(out, EXPERIMENT_MARKER)
+    if out.exists() and (not out.is_dir() or (not owned.is_empty() and not owned.is_marked())):
+        raise DeconError(
+            f"{out}: out_dir is not empty and holds no experiment ({owned.describe_foreign()}); choose another out_dir"
+        )
     if dry_run:
         print(_format_plan(cfg, plan, redo))
         return paths
+    owned.create()
+    with folder_lock(out, "experiment"):
+        return _run_grid(cfg, specs, todo, redo, redo_file, paths, runner, progress, overwrite)
+
+
+def _run_grid(
+    cfg: ExperimentConfig,
+    specs: list[RunSpec],
+    todo: list[RunSpec],
+    redo: set[str],
+    redo_file: Path,
+    paths: dict[str, Path],
+    runner: Runner | None,
+    progress: bool,
+    overwrite: bool,
+) -> dict[str, Path]:
+    """The runs and tables of :func:`run_experiment`, once the experiment folder is marked and locked."""
+    out = Path(cfg.out_dir)
     pending = {s.name for s in todo}
     _note_drift([s for s in specs if s.name not in pending])
-    out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         _write_redo(redo_file, redo)  # before any run is touched
         for table in ("results.csv", "summary.csv", "paired.csv"):  # the old runs' tables
-            (out / table).unlink(missing_ok=True)
+            remove_written(out / table)
     _write_text(out / "experiment.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     again = f", {len(redo)} of them again from the start" if redo else ""
     print(
@@ -569,25 +592,12 @@ def run_one(spec: RunSpec, runner: Runner, overwrite: bool = False) -> str | Non
         if run_status(run_dir) != "done":
             raise DeconError(f"{run_dir}: the run returned without done.json and results.json")
     except Exception as exc:  # a failed run must not stop the grid
-        if _interrupted(exc):  # Ctrl-C met inside a write (torch.save turns it into a RuntimeError): stop
+        if interrupted(exc):  # Ctrl-C met inside a write (torch.save turns it into a RuntimeError): stop
             raise KeyboardInterrupt from exc
-        log.parent.mkdir(parents=True, exist_ok=True)
         _write_text(log, traceback.format_exc())
         return f"run {spec.name} failed: {type(exc).__name__}: {exc} (traceback: {log})"
-    log.unlink(missing_ok=True)
+    remove_written(log)
     return None
-
-
-def _interrupted(exc: BaseException) -> bool:
-    """True when a KeyboardInterrupt is in the chain of ``exc`` (its cause or the exception it interrupted)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, KeyboardInterrupt):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
 
 
 def _read_redo(path: Path, specs: Sequence[RunSpec]) -> set[str]:
@@ -604,7 +614,7 @@ def _write_redo(path: Path, redo: set[str]) -> None:
     if redo:
         _write_text(path, json.dumps({"runs": sorted(redo)}, indent=1) + "\n")
     else:
-        path.unlink(missing_ok=True)
+        remove_written(path)
 
 
 def _check_out_dir(cfg: ExperimentConfig, specs: Sequence[RunSpec]) -> None:
@@ -764,9 +774,7 @@ def _column_name(cls: Any) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def _mapping(value: Any, key: str) -> dict[Any, Any]:

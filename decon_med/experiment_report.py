@@ -10,13 +10,14 @@ Example:
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+from decon_med.folders import atomic_write
 
 if TYPE_CHECKING:
     from decon_med.experiment import ExperimentConfig
@@ -209,10 +210,7 @@ def report(cfg: ExperimentConfig, results: pd.DataFrame, paths: dict[str, Path])
 
 def write_csv(table: pd.DataFrame, path: Path) -> None:
     """Write ``table`` to ``path`` atomically (a temporary file renamed over it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, table.to_csv(index=False))
 
 
 def _row_label(init: str, transfer: str) -> str:

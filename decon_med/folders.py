@@ -1,9 +1,9 @@
 """Folders the package owns: a marker written first, a manifest of every path written, deletion of only those.
 
-A folder the package writes (a run folder, a synthetic dataset, an export) holds a marker file (``.decon-run``,
-``.decon-synth``, ``.decon-export``) written before anything else, and a manifest ``.decon-manifest``: one line
-per path the package created there, appended *before* the path is created, so that a process killed at any moment
-leaves no file it wrote unrecorded. Ownership is decided by the manifest, never by a file's name:
+A folder the package writes (a run folder, a synthetic dataset, an export, an experiment) holds a marker file
+(``.decon-run``, ``.decon-synth``, ``.decon-export``, ``.decon-experiment``) written before anything else, and a
+manifest ``.decon-manifest``: one line per path the package created there, appended *before* the path is created,
+so that a process killed at any moment leaves no file it wrote unrecorded. Ownership is decided by the manifest, never by a file's name:
 
 - ``--overwrite`` removes exactly the recorded files, then the recorded folders that are left empty; anything else
   (a user's ``notes.txt``, a copy placed in ``checkpoints/``) stays where it is;
@@ -41,6 +41,7 @@ MAX_LISTED = 5
 RUN_MARKER = ".decon-run"
 SYNTH_MARKER = ".decon-synth"
 EXPORT_MARKER = ".decon-export"
+EXPERIMENT_MARKER = ".decon-experiment"
 MANIFEST = ".decon-manifest"
 LOCK = ".decon-lock"
 
@@ -94,6 +95,10 @@ MARKERS: dict[str, tuple[str, tuple[str, ...]]] = {
     EXPORT_MARKER: (
         "export folder",
         ("encoder.safetensors", "encoder_decoder.safetensors", "smp", "export.json"),
+    ),
+    EXPERIMENT_MARKER: (
+        "experiment folder",
+        ("experiment.yaml", "results.csv", "summary.csv", "paired.csv", "overwrite.json", "failed", "runs"),
     ),
 }
 
@@ -325,6 +330,19 @@ def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[IO[by
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_written(path: str | os.PathLike) -> bool:
+    """Delete the file ``path`` when the manifest of its marked folder lists it; anything else stays. Returns
+    whether it was deleted."""
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    root = owning_folder(path)
+    if root is None or not (path.is_file() or path.is_symlink()):
+        return False
+    if _relative(root, path, False) not in Manifest(root).entries():
+        return False
+    path.unlink()
+    return True
 
 
 # -- owned folders -------------------------------------------------------------------------------------------

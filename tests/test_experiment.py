@@ -19,7 +19,7 @@ import yaml
 
 from decon_med.cli_experiment import add_commands
 from decon_med.config import Method, load_config
-from decon_med.errors import ConfigError
+from decon_med.errors import ConfigError, DeconError
 from decon_med.experiment import (
     PAPER_TABLE7,
     GridError,
@@ -30,6 +30,7 @@ from decon_med.experiment import (
     run_experiment,
     run_name,
 )
+from decon_med.folders import EXPERIMENT_MARKER, OwnedFolder
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["background", "lesion"]
@@ -56,6 +57,7 @@ class FakeRunner:
         self.calls.append((run.name, resume, overwrite))
         if run.name in self.fail:
             raise RuntimeError("simulated out-of-memory")
+        OwnedFolder(run.parent.parent, EXPERIMENT_MARKER).create()  # as run_experiment does before any run
         run.mkdir(parents=True, exist_ok=True)
         miou = fake_miou(cfg.init, cfg.transfer, cfg.fraction, cfg.seed)
         test = {
@@ -616,3 +618,14 @@ def test_ctrl_c_inside_a_run_stops_the_grid(exp_file):
     rest = FakeRunner()
     run_experiment(cfg, runner=rest, progress=False)
     assert len(rest.calls) == 34
+
+
+def test_an_unmarked_out_dir_is_never_an_experiment(exp_file):
+    cfg = load_experiment(exp_file)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True)
+    (out / "results.csv").write_text("my own table")
+    runner = FakeRunner()
+    with pytest.raises(DeconError, match="holds no experiment"):
+        run_experiment(cfg, runner=runner, progress=False)
+    assert runner.calls == [] and (out / "results.csv").read_text() == "my own table"
