@@ -19,9 +19,11 @@ from pathlib import Path
 
 from decon_med import __version__, distributed
 from decon_med.cli_args import ANY_ORDER, SubcommandParser, positive_int, seed_int
+from decon_med.cli_configs import add_commands as add_configs_commands
 from decon_med.cli_cost import add_commands as add_cost_commands
 from decon_med.cli_experiment import add_commands as add_experiment_commands
 from decon_med.cli_finetune import add_commands as add_finetune_commands
+from decon_med.cli_import import add_commands as add_import_commands
 from decon_med.cli_predict import add_commands as add_predict_commands
 from decon_med.cli_train import add_commands as add_train_commands
 from decon_med.errors import DeconError, error_line, interrupted
@@ -174,10 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_config_reference)
 
     add_train_commands(sub)
+    add_import_commands(sub)
     add_finetune_commands(sub)
     add_predict_commands(sub)
     add_experiment_commands(sub)
     add_cost_commands(sub)
+    add_configs_commands(sub)
     return parser
 
 

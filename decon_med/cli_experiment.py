@@ -35,7 +35,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             "runs still finish)."
         ),
     )
-    p.add_argument("config", help="YAML experiment config, e.g. configs/experiment/table7_isic.yaml")
+    p.add_argument(
+        "config",
+        help="YAML experiment config, e.g. configs/experiment/table7_isic.yaml, or a shipped name (table7_isic)",
+    )
     p.add_argument(
         "overrides",
         nargs="*",

@@ -93,7 +93,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "finetune", help="fine-tune an smp network on a label fraction, from random or pre-trained weights"
     )
-    p.add_argument("config", help="YAML fine-tuning config, e.g. configs/finetune/isic.yaml")
+    p.add_argument(
+        "config", help="YAML fine-tuning config, e.g. configs/finetune/isic.yaml, or a shipped name (isic)"
+    )
     p.add_argument(
         "overrides",
         nargs="*",

@@ -57,7 +57,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "pretrain", help="self-supervised pre-training (SlotCon, DeCon, DenseCL, MIM) of an smp network"
     )
-    p.add_argument("config", help="YAML pre-training config (it or a later one must set the ssl section)")
+    p.add_argument(
+        "config",
+        help="YAML pre-training config or a shipped name (decon_ml); it or a later one must set the ssl section",
+    )
     p.add_argument(
         "overrides",
         nargs="*",

@@ -27,6 +27,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from decon_med.errors import ConfigError
+from decon_med.shipped import not_found, resolve_config
 
 DatasetName = Literal["isic2017", "refuge", "folder", "unlabeled", "nnunet", "datalist"]
 Modality = Literal["rgb", "gray", "mr", "ct", "auto"]
@@ -271,7 +272,8 @@ class ModelConfig:
     Attributes:
         arch: decoder: ``unet`` (default), ``fpn`` or ``fcn`` (the paper's fine-tuning head).
         encoder: any smp encoder name, e.g. ``resnet18``, ``resnet50``.
-        encoder_weights: ``null`` (random init) or a local weights file; nothing is downloaded.
+        encoder_weights: ``null`` (random init), a local weights file, or a weights name smp lists for the encoder
+            (e.g. ``imagenet``), read from the Hugging Face Hub cache (downloaded there once when online).
     """
 
     arch: Arch = "unet"
@@ -287,11 +289,14 @@ class ModelConfig:
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"model.encoder: unknown smp encoder '{self.encoder}'{hint}")
         if self.encoder_weights is not None:
+            from decon_med.models.encoder_weights import weight_names
+
+            listed = weight_names(self.encoder)
             _check(
-                Path(self.encoder_weights).is_file(),
+                Path(self.encoder_weights).is_file() or self.encoder_weights in listed,
                 "model.encoder_weights",
-                f"must be null or a local weights file; '{self.encoder_weights}' is not a file "
-                "(weights cannot be downloaded here)",
+                f"must be null, a local weights file or a weights name smp lists for {self.encoder} "
+                f"({', '.join(listed) or 'it lists none'}); '{self.encoder_weights}' is neither",
             )
 
 
@@ -845,14 +850,15 @@ def yaml_load(text: str) -> Any:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The top-level mapping of one YAML config file.
+    """The top-level mapping of one YAML config file, or of the shipped config ``path`` names (see
+    :mod:`decon_med.shipped`) when no such file exists.
 
     Raises:
         ConfigError: missing, unreadable, not UTF-8, not valid YAML, duplicate keys, or not a mapping.
     """
-    path = Path(path)
+    path = resolve_config(path)  # a file that exists, else the shipped config a name names
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(not_found(path))
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as exc:
@@ -905,14 +911,19 @@ def merge_into(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def split_config_args(args: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """Command-line words -> (YAML files, overrides): a word ending in ``.yaml`` / ``.yml`` without ``=`` is a
-    file, every other word a ``key=value`` override.
+    """Command-line words -> (YAML files, overrides): a word without ``=`` is a file when it ends in ``.yaml`` /
+    ``.yml``, is an existing file or has no ``.`` (a shipped config name such as ``decon_ml``); every other word
+    is a ``key=value`` override.
 
     Example:
         >>> split_config_args(["configs/pretrain/decon_ml.yaml", "configs/data/inhouse_ct.yaml", "data.root=ct"])
         (['configs/pretrain/decon_ml.yaml', 'configs/data/inhouse_ct.yaml'], ['data.root=ct'])
     """
-    files = [a for a in args if "=" not in a and a.lower().endswith((".yaml", ".yml"))]
+    files = [
+        a
+        for a in args
+        if "=" not in a and (a.lower().endswith((".yaml", ".yml")) or "." not in a or Path(a).is_file())
+    ]
     return files, [a for a in args if a not in files]
 
 

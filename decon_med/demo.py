@@ -31,9 +31,10 @@ import pandas as pd
 
 from decon_med.config import PretrainConfig, flatten, load_config, read_yaml, to_dict
 from decon_med.errors import DeconError
+from decon_med.shipped import configs_root
 
-#: The repository's configs folder (the package is installed from the repository, editable).
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+#: The package's shipped configs folder (found through importlib.resources: wheel and editable installs alike).
+CONFIGS = configs_root()
 
 #: Labelled images of the demo (train / val / test 24 / 8 / 16); ``quick`` uses 12.
 N_LABELED = 48
@@ -254,7 +255,7 @@ def demo_experiment(out: Path, data_root: Path, exports: dict[str, Path], quick:
 
     path = CONFIGS / "experiment" / "demo.yaml"
     if not path.is_file():
-        raise DeconError(f"{path}: demo experiment config not found (install decon-med from its repository)")
+        raise DeconError(f"{path}: demo experiment config not found (reinstall decon-med)")
     raw = read_yaml(path)
     raw["finetune"] = str(CONFIGS / "finetune" / "folder.yaml")
     raw["overrides"] = [o for o in raw["overrides"] if not o.startswith("data.root=")] + [

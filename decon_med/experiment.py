@@ -18,7 +18,9 @@ An experiment config (``configs/experiment/*.yaml``) names a base fine-tuning co
     out_dir: runs/experiment/table7_isic
 
 Every path (``finetune``, init paths, ``out_dir``, paths inside overrides) is relative to the current directory,
-as for every other command, so run ``decon-med experiment`` from the repository root. Each run gets
+as for every other command; ``finetune`` (like the experiment config itself) may also name a shipped config
+(``configs/finetune/isic.yaml`` finds the shipped one where no such file exists, :mod:`decon_med.shipped`). Each
+run gets
 ``<out_dir>/runs/<init>-<transfer>-f<fraction>-s<seed>`` as its fine-tuning run folder; the overrides apply in the
 order base file, :data:`GRID_DEFAULTS`, ``overrides``, ``transfer_overrides[transfer]``, the init's ``overrides``,
 then the grid values (``init``, ``transfer``, ``fraction``, ``seed``, ``out_dir``), which overrides may not set. An
@@ -109,6 +111,7 @@ from decon_med.experiment_report import (  # noqa: F401  (re-exported: the publi
 )
 from decon_med.folders import EXPERIMENT_MARKER, OwnedFolder, atomic_write, remove_written
 from decon_med.locks import folder_lock
+from decon_med.shipped import not_found, resolve_config
 from decon_med.summary import print_summary
 
 InitMethod = Literal[
@@ -160,7 +163,8 @@ class ExperimentConfig:
 
     Attributes:
         name: experiment name, printed above the tables.
-        finetune: base fine-tuning YAML config, relative to the current directory.
+        finetune: base fine-tuning YAML config, relative to the current directory, or a shipped config name
+            (``finetune/isic``; see :mod:`decon_med.shipped`).
         overrides: fine-tuning overrides applied to every run.
         transfer_overrides: transfer -> fine-tuning overrides for the runs with that transfer.
         inits: init label -> :class:`InitSpec`; labels are letters, digits and ``_``.
@@ -187,7 +191,11 @@ class ExperimentConfig:
     def validate(self) -> None:
         _need(bool(self.name.strip()), "name", "must not be empty")
         _need(bool(self.finetune), "finetune", "must name the base fine-tuning config")
-        _need(Path(self.finetune).is_file(), "finetune", f"'{self.finetune}' is not a file")
+        _need(
+            resolve_config(self.finetune).is_file(),
+            "finetune",
+            f"'{self.finetune}' is not a file nor a shipped config name",
+        )
         _need(bool(self.inits), "inits", "needs at least one init")
         _check_transfers(self.transfers, "transfers")
         _need(bool(self.fractions), "fractions", "needs at least one fraction")
@@ -274,9 +282,9 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
         >>> load_experiment("configs/experiment/demo.yaml", ["seeds=[0]"]).seeds
         [0]
     """
-    path = Path(path)
+    path = resolve_config(path)  # a file that exists, else the shipped config a name names
     if not path.is_file():
-        raise ConfigError(f"{path}: experiment config not found")
+        raise ConfigError(not_found(path, "experiment config"))
     raw = read_yaml(path)  # the strict loader of every config: duplicate keys refused, 5e-1 a float
     for item in overrides:
         key, value = parse_override(item)

@@ -136,8 +136,9 @@ def build_network(cfg: ModelConfig, in_channels: int = 3, classes: int = 1) -> S
     """The smp model of ``cfg`` with random weights, or the encoder weights of a local file.
 
     Args:
-        cfg: ``arch``, ``encoder`` and ``encoder_weights`` (``None`` or a local ``.pth`` / ``.safetensors`` file
-            holding an encoder state dict, with or without an ``encoder.`` prefix).
+        cfg: ``arch``, ``encoder`` and ``encoder_weights`` (``None``, a local ``.pth`` / ``.safetensors`` file
+            holding an encoder state dict, with or without an ``encoder.`` prefix, or a weights name smp lists
+            for the encoder, see :mod:`decon_med.models.encoder_weights`).
         in_channels: input channels.
         classes: output classes of the segmentation head.
     """
@@ -155,7 +156,12 @@ def build_network(cfg: ModelConfig, in_channels: int = 3, classes: int = 1) -> S
             **extra,
         )
     if cfg.encoder_weights:
-        load_encoder_file(net, cfg.encoder_weights)
+        from decon_med.models.encoder_weights import is_weight_name, load_named_weights
+
+        if is_weight_name(cfg.encoder, cfg.encoder_weights):  # e.g. imagenet: smp's weights, from the Hub cache
+            load_named_weights(net, cfg.encoder, cfg.encoder_weights, in_channels)
+        else:
+            load_encoder_file(net, cfg.encoder_weights)
     return net
 
 
