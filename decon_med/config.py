@@ -51,6 +51,7 @@ ENCODER_ONLY_METHODS = ("slotcon", "densecl")
 DECODER_METHODS = ("decon_sl", "decon_ml", "decon_sl_densecl", "decon_ml_densecl")
 Loss = Literal["ce", "dice_ce"]
 Select = Literal["best", "last"]
+Logger = Literal["csv", "tensorboard", "mlflow"]
 
 #: Largest ``seed``: numpy's generators take 32-bit unsigned seeds.
 MAX_SEED = 2**32 - 1
@@ -410,6 +411,11 @@ class TrainConfig:
         lr_mult: fine-tuning: learning-rate multiplier of each part of the network (``encoder``, ``decoder``,
             ``head``); each part gets its own optimiser groups. All 1 = off.
         freeze: fine-tuning: frozen warm-up, ``{parts: [encoder], iters: N}``. Off (``iters: 0``) by default.
+        loggers: where the metrics go: ``csv`` (``metrics.csv``, always on), ``tensorboard`` (``tb/``) and
+            ``mlflow`` (needs ``pip install 'decon-med[mlflow]'``; the store is ``MLFLOW_TRACKING_URI``, else
+            ``./mlruns`` under the current directory; see README "Tracking").
+        mlflow_experiment: MLflow experiment of the run; ``null``: the name of the folder holding the run folder
+            (``ft`` for ``out_dir=runs/ft/ml_5pc_s0``).
     """
 
     batch_size: int = 16
@@ -440,8 +446,15 @@ class TrainConfig:
     health_patience: int = 5
     lr_mult: LrMultConfig = field(default_factory=LrMultConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    loggers: list[Logger] = field(default_factory=lambda: ["csv", "tensorboard"])
+    mlflow_experiment: str | None = None
 
     def validate(self) -> None:
+        _check(
+            "csv" in self.loggers,
+            "train.loggers",
+            f"must include csv (metrics.csv is always written), got {list(self.loggers)}",
+        )
         _check(self.health_patience >= 0, "train.health_patience", "must be >= 0 (0 = never warn)")
         for key in ("batch_size", "epochs", "iters", "val_every", "accum_steps", "ckpt_every", "log_every"):
             _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")

@@ -69,6 +69,7 @@ MARKERS: dict[str, tuple[str, tuple[str, ...]]] = {
             "predictions_*",
             "health*",
             "probe.csv",
+            "mlflow.json",
         ),
     ),
     SYNTH_MARKER: (

@@ -81,6 +81,7 @@ from decon_med.engine.recipes import (
     reinit_prefixes,
 )
 from decon_med.engine.run_folder import prepare_run_folder, resume_is_noop, run_folder_lock
+from decon_med.engine.tracking import check_loggers, finish_run, flat_scores
 from decon_med.engine.transfer import format_report, load_init
 from decon_med.errors import DataError, DeconError, find_error
 from decon_med.folders import atomic_write, record_written
@@ -152,6 +153,7 @@ def finetune(
         >>> finetune(load_config("configs/finetune/refuge.yaml", ["out_dir=runs/ft/r", "fraction=0.25"]))
         PosixPath('runs/ft/r')
     """
+    check_loggers(cfg.train)  # before any work
     paths = FinetunePaths(Path(cfg.out_dir))
     with run_folder_lock(paths.root, "finetune"):
         if resume_is_noop(paths, cfg, resume=resume, overwrite=overwrite):
@@ -448,7 +450,8 @@ class _Run(TrainingSession):
         """Score the val split; keep ``best.ckpt`` when it is the best so far (strictly: ties keep the earlier)."""
         metrics = validate(self.network, self.cfg, self.classes)
         self.last_val = {"iter": self.step, "metrics": metrics}
-        val_log.write(self.step, metrics)
+        row = val_log.write(self.step, metrics)
+        logger.track({f"val/{key}": value for key, value in row.items() if key != "iter"}, self.step)
         for key in ("mIoU", "mDice"):
             logger.tb.add_scalar(f"val/{key}", metrics[key], self.step)
         for name, value in metrics["IoU"].items():
@@ -502,6 +505,7 @@ class _Run(TrainingSession):
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         write_json(self.paths.done, done)
+        finish_run(self.cfg, self.paths.root, flat_scores("test", test), self.step)
         if self.cfg.train.prune_finished:
             self._prune(selected, state)
 
@@ -534,7 +538,7 @@ class _ValLog:
         self.columns: list[str] | None = list(rows[0]) if rows else None
         self._write_all(rows)
 
-    def write(self, step: int, metrics: dict[str, Any]) -> None:
+    def write(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         row = {
             "iter": step,
             "mIoU": metrics["mIoU"],
@@ -551,6 +555,7 @@ class _ValLog:
             if new:
                 writer.writeheader()
             writer.writerow(row)
+        return row
 
     def _write_all(self, rows: list[dict[str, str]]) -> None:
         if not rows:

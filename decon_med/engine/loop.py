@@ -258,7 +258,7 @@ class TrainingSession:
 
         main = distributed.is_main_process()
         resumed = self.step if self.saved_step >= 0 else None
-        logger = MetricsLogger(self.paths, resumed_step=resumed) if main else None
+        logger = MetricsLogger(self.paths, resumed_step=resumed, cfg=self.cfg) if main else None
         self._open_logs(resumed)
         bar = tqdm(
             total=self.stop,

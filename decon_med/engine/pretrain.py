@@ -58,6 +58,7 @@ from decon_med.engine.run_folder import (  # noqa: F401  (check_resumable, RESUM
     resume_is_noop,
     run_folder_lock,
 )
+from decon_med.engine.tracking import check_loggers, finish_run
 from decon_med.errors import DeconError
 from decon_med.folders import Manifest, atomic_write, make_folder, record_new_files, record_written
 from decon_med.models.network import set_checkpointing
@@ -169,6 +170,7 @@ def pretrain(
         PosixPath('runs/s')
     """
     check_compile(cfg.train)  # before any work
+    check_loggers(cfg.train)
     paths = RunPaths(Path(cfg.out_dir))
     with run_folder_lock(paths.root, "pretrain"):
         if resume_is_noop(paths, cfg, resume=resume, overwrite=overwrite):
@@ -412,6 +414,7 @@ class _Run(TrainingSession):
             for step, scores in self.pending_probe:
                 for key in ("enc_mIoU", "dec_mIoU"):
                     logger.tb.add_scalar(f"probe/{key}", scores[key], step)
+                logger.track({f"probe/{key}": value for key, value in scores.items()}, step)
             self.pending_probe = []
 
     def _postfix(self, row: dict[str, float]) -> dict[str, str]:
@@ -440,10 +443,12 @@ class _Run(TrainingSession):
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         atomic_write(self.paths.done, json.dumps(done, indent=1) + "\n")
+        finish_run(self.cfg, self.paths.root, {}, self.step)
 
 
 class MetricsLogger:
-    """Appends rows to ``metrics.csv`` (columns fixed by the first row) and scalars to TensorBoard.
+    """Appends rows to ``metrics.csv`` (columns fixed by the first row) and scalars to TensorBoard and the tracker
+    of ``train.loggers`` (:mod:`decon_med.engine.tracking`; ``cfg=None``: CSV and TensorBoard).
 
     On resume, rows past the resumed step are dropped and TensorBoard events past it are purged.
 
@@ -452,9 +457,15 @@ class MetricsLogger:
         >>> log.write({"step": 10, "epoch": 0, "loss": 1.5, "lr": 0.1, "img_s": 80.0}); log.close()
     """
 
-    def __init__(self, paths: RunPaths, resumed_step: int | None):
+    def __init__(self, paths: RunPaths, resumed_step: int | None, cfg: Any = None):
         from torch.utils.tensorboard import SummaryWriter
 
+        from decon_med.engine import tracking
+
+        loggers = cfg.train.loggers if cfg is not None else ("csv", "tensorboard")
+        self.tracker = tracking.open_tracker(cfg, paths.root, resumed=resumed_step is not None)
+        if self.tracker is not None:
+            tracking.log_config_params(self.tracker, cfg)
         self.path = paths.metrics
         self.columns: list[str] | None = None
         self.rows = 0
@@ -467,6 +478,9 @@ class MetricsLogger:
         self.writer: csv.DictWriter | None = None
         if self.columns:
             self.writer = csv.DictWriter(self.file, self.columns, extrasaction="ignore")
+        if "tensorboard" not in loggers:
+            self.tb = tracking.NullWriter()
+            return
         purge = resumed_step + 1 if resumed_step is not None else None
         make_folder(paths.tb)
         before = set(paths.tb.iterdir())
@@ -486,10 +500,18 @@ class MetricsLogger:
         for key, value in row.items():
             if key != "step":
                 self.tb.add_scalar(key, value, int(row["step"]))
+        self.track(row, int(row["step"]))
+
+    def track(self, values: dict[str, float], step: int) -> None:
+        """``values`` to the tracker of ``train.loggers`` (MLflow), if any."""
+        if self.tracker is not None:
+            self.tracker.log_metrics(values, step)
 
     def close(self) -> None:
         self.file.close()
         self.tb.close()
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def _truncate_csv(path: Path, last_step: int) -> tuple[list[str] | None, int]:

@@ -50,6 +50,8 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "train.health_patience",
     "data.cache_gb",
     "data.cache_dir",
+    "train.loggers",  # where metrics are mirrored, not what is computed
+    "train.mlflow_experiment",
 )
 
 
