@@ -684,6 +684,8 @@ class FinetuneConfig(Config):
     Attributes:
         init: ``null`` (random) or an exported weights folder / safetensors file / pre-training checkpoint.
         transfer: ``random``, ``encoder`` (fresh decoder) or ``encoder_decoder`` (only the classifier is new).
+            With an init, ``encoder`` is the measured choice: in the CPU validity study a transferred DeCon decoder
+            fine-tunes below encoder-only transfer and random init (docs/validity.md).
         fraction: fraction of the labelled training images used, in (0, 1].
         transfer_bn: BatchNorm running statistics of the transferred layers: ``keep`` (as pre-trained), ``reset``
             (mean 0, variance 1, counter 0) or ``recompute`` (before the first iteration, the exact per-channel
