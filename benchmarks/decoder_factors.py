@@ -13,6 +13,9 @@ transfer and with random init, paired by (fraction, seed):
   ``train.lr_mult`` encoder 0.1 / decoder 0.1 / head 1; a frozen warm-up (LP-FT, ``train.freeze`` encoder +
   decoder for the first quarter of the iterations); and, unless ``--no-combined``, ``transfer_bn=recompute`` with
   the factor that scored best on validation;
+* with ``--extension``, the rows the first rows left open: ``reinit_decoder_blocks`` = 2, 3 and 5 (5: every U-Net
+  decoder block fresh, the bridge to encoder-only transfer), and a second DeCon-ML pre-training with
+  ``ssl.skip_dropout=0.25`` (the main run's is 0.5) transferred as encoder + decoder and as encoder only;
 * every row is the validity study's fine-tuning (U-Net ResNet-18, 64 px, 80 iterations, fractions 5 / 25 / 100 %,
   seeds 0, 1, 2), run through ``decon_med.experiment`` grids, so finished runs are reused on a second call.
 
@@ -23,6 +26,9 @@ Usage:
     python benchmarks/decoder_factors.py --out runs/decoder_factors     # the study (about 30 min on 2 cores)
     python benchmarks/decoder_factors.py --out runs/decoder_factors --no-combined   # the rows docs/validity.md shows
     python benchmarks/decoder_factors.py --out runs/decoder_factors --report-only   # tables from finished runs only
+    python benchmarks/decoder_factors.py --out runs/decoder_factors --no-combined --extension   # + the extension rows
+    python benchmarks/decoder_factors.py --out runs/decoder_factors --no-combined --extension \
+        --run-only reinit_decoder_blocks=2   # run this row only; every other row is read from finished runs
     python benchmarks/decoder_factors.py --out /tmp/f --quick           # a one-minute smoke run of every stage
 """
 
@@ -93,24 +99,62 @@ def factors(size: dict) -> dict[str, list[str]]:
     }
 
 
+#: The extension's second pre-training: the main run with this one setting changed (label -> overrides).
+SKIP_DROPOUT_RUN = ("decon_ml_skip_dropout_0_25", ["ssl.skip_dropout=0.25"])
+
+
+def extension(size: dict) -> dict[str, dict]:
+    """label -> row of the extension (``--extension``): the fine-tuning ``overrides``, the ``transfer`` and the
+    pre-training run it starts from (``pretrain``: ``None`` for the main run, else :data:`SKIP_DROPOUT_RUN`'s
+    label), one changed setting each against the row it is compared with."""
+    del size  # the same rows at every size
+    label = SKIP_DROPOUT_RUN[0]
+    rows = {
+        f"reinit_decoder_blocks={k}": {
+            "overrides": [f"reinit_decoder_blocks={k}"],
+            "transfer": "encoder_decoder",
+            "pretrain": None,
+        }
+        for k in (2, 3, 5)
+    }
+    rows["skip_dropout=0.25 pre-training, enc+dec"] = {
+        "overrides": [],
+        "transfer": "encoder_decoder",
+        "pretrain": label,
+    }
+    rows["skip_dropout=0.25 pre-training, encoder only"] = {
+        "overrides": [],
+        "transfer": "encoder",
+        "pretrain": label,
+    }
+    return rows
+
+
 def grid_name(label: str) -> str:
     """A folder-safe name of a factor row."""
     keep = "".join(c if c.isalnum() else "_" for c in label.lower())
     return "factor_" + "_".join(part for part in keep.split("_") if part)
 
 
-def factor_grid_config(base_cfg: ExperimentConfig, label: str, export: Path, overrides: list[str]):
+def factor_grid_config(
+    base_cfg: ExperimentConfig,
+    label: str,
+    export: Path,
+    overrides: list[str],
+    transfer: str = "encoder_decoder",
+):
     """The experiment grid of one factor row: the base grid (``base_cfg``, the validity study's fine-tuning as
-    :func:`validity.finetune_grid` wrote it) with DeCon-ML encoder + decoder only and ``overrides`` added to every
-    run; no baseline inside the grid (the comparison is made here across grids, paired by fraction and seed)."""
+    :func:`validity.finetune_grid` wrote it) with DeCon-ML ``transfer`` only (encoder + decoder unless told) and
+    ``overrides`` added to every run; no baseline inside the grid (the comparison is made here across grids,
+    paired by fraction and seed)."""
     name = grid_name(label)
     iters = Path(base_cfg.out_dir).name.rsplit("_it", 1)[1]
     cfg = dataclasses.replace(
         base_cfg,
         name=name,
         overrides=[*base_cfg.overrides, *overrides],
-        inits={METHOD: InitSpec(path=str(export), method=METHOD, transfers=["encoder_decoder"])},
-        transfers=["encoder_decoder"],
+        inits={METHOD: InitSpec(path=str(export), method=METHOD, transfers=[transfer])},
+        transfers=[transfer],
         baseline=None,
         out_dir=str(Path(base_cfg.out_dir).parent / f"{name}_it{iters}"),
     )
@@ -123,14 +167,13 @@ def base_inits(export: Path) -> dict:
     return {"random": {"path": None, "method": "random"}, METHOD: {"path": str(export), "method": METHOD}}
 
 
-def check_one_factor(base_cfg, factor_cfg, overrides: list[str]) -> None:
-    """Refuse a factor grid whose runs differ from the baseline's encoder + decoder runs in anything but the
-    keys its overrides set (and the grid's own keys): one factor at a time, nothing else."""
+def check_one_factor(base_cfg, factor_cfg, overrides: list[str], transfer: str = "encoder_decoder") -> None:
+    """Refuse a factor grid whose runs differ from the base grid's ``transfer`` runs (encoder + decoder unless
+    told) in anything but the keys its overrides set (and the grid's own keys, the init among them): one factor
+    at a time, nothing else."""
     allowed = set(GRID_KEYS) | GRID_FREE_KEYS | {item.split("=", 1)[0] for item in overrides}
     base = {
-        (s.fraction, s.seed): flatten(to_dict(s.cfg))
-        for s in expand_grid(base_cfg)
-        if s.transfer == "encoder_decoder"
+        (s.fraction, s.seed): flatten(to_dict(s.cfg)) for s in expand_grid(base_cfg) if s.transfer == transfer
     }
     for spec in expand_grid(factor_cfg):
         flat, ref = flatten(to_dict(spec.cfg)), base[(spec.fraction, spec.seed)]
@@ -316,23 +359,51 @@ def main() -> None:
         help="run nothing: build the tables and the JSON from the runs already finished in --out",
     )
     parser.add_argument(
+        "--extension",
+        action="store_true",
+        help="also the extension rows: reinit_decoder_blocks 2, 3, 5 and the skip_dropout=0.25 pre-training",
+    )
+    parser.add_argument(
+        "--run-only",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="run only these rows (and the pre-training they need); the base rows and every other row are read "
+        "from the runs finished in --out, as with --report-only",
+    )
+    parser.add_argument(
         "--note", default=None, help="a remark stored in the JSON (e.g. on the machine's load)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
     size = dict(QUICK_SIZE if args.quick else FULL)
+    extra = extension(size) if args.extension else {}
+    known = {*factors(size), *extra}
+    for label in [*(args.only or []), *(args.run_only or [])]:
+        if label not in known:
+            parser.error(
+                f"unknown row {label!r} (rows: {sorted(known)}; --extension adds the extension rows)"
+            )
+    if args.run_only is not None and args.report_only:
+        parser.error("--run-only and --report-only exclude each other")
     out = Path(args.out)
     progress = not args.quiet
     start = time.perf_counter()
     durations: dict[str, float] = {}
 
-    if not args.report_only and not (out / "data" / "labeled" / "splits.json").is_file():
+    # --run-only: the base rows and the rows not named are read from finished runs, as with --report-only
+    read_base = args.report_only or args.run_only is not None
+
+    def runs(label: str) -> bool:
+        return not args.report_only and (args.run_only is None or label in args.run_only)
+
+    if not read_base and not (out / "data" / "labeled" / "splits.json").is_file():
         print("writing the texture data ...")
         make_textures(out / "data", size["n_unlabeled"], size["n_labeled"], seed=0, overwrite=True)
 
     # one DeCon-ML pre-training run at the validity study's main settings (reused when finished)
     pre_cfg = pretrain_config(out, METHOD, METHOD, size, [])
-    if args.report_only:
+    if read_base:
         export = Path(pre_cfg.out_dir) / "export"
         seconds_file = Path(pre_cfg.out_dir) / "study_seconds.json"
         pretrain_seconds = json.loads(seconds_file.read_text())["seconds"] if seconds_file.is_file() else 0.0
@@ -352,11 +423,13 @@ def main() -> None:
 
     rows = {label: items for label, items in factors(size).items() if args.only is None or label in args.only}
 
-    def run_factor(label: str, overrides: list[str]) -> None:
-        cfg = factor_grid_config(base_cfg, label, export, overrides)
-        check_one_factor(base_cfg, cfg, overrides)
-        if not args.report_only:
-            print(f"fine-tuning factor '{label}' ({', '.join(overrides)}) ...")
+    def run_factor(
+        label: str, overrides: list[str], init: Path = export, transfer: str = "encoder_decoder"
+    ) -> None:
+        cfg = factor_grid_config(base_cfg, label, init, overrides, transfer)
+        check_one_factor(base_cfg, cfg, overrides, transfer)
+        if runs(label):
+            print(f"fine-tuning factor '{label}' ({', '.join(overrides) or transfer}) ...")
             tick = time.perf_counter()
             run_experiment(cfg, progress=progress)
             durations[label] = time.perf_counter() - tick
@@ -365,8 +438,31 @@ def main() -> None:
     for label, overrides in rows.items():
         run_factor(label, overrides)
 
+    # the extension: more decoder blocks re-initialised; a second pre-training with less skip dropout
+    extra = {label: row for label, row in extra.items() if args.only is None or label in args.only}
+    pre_runs: dict[str, dict] = {}
+    for label, row in extra.items():
+        init = export
+        if row["pretrain"] is not None:
+            name, pre_overrides = SKIP_DROPOUT_RUN
+            if name not in pre_runs:
+                cfg = pretrain_config(out, name, METHOD, size, pre_overrides)
+                run_dir = Path(cfg.out_dir)
+                seconds_file = run_dir / "study_seconds.json"
+                seconds = json.loads(seconds_file.read_text())["seconds"] if seconds_file.is_file() else 0.0
+                path = run_dir / "export"
+                if any(runs(other) for other, r in extra.items() if r["pretrain"] == name):
+                    print(f"pre-training {name} ({', '.join(pre_overrides)}) ...")
+                    path, seconds = pretrain_and_export(cfg, progress)
+                pre_runs[name] = {"cfg": cfg, "export": path, "seconds": seconds, "overrides": pre_overrides}
+            init = pre_runs[name]["export"]
+        run_factor(label, row["overrides"], init, row["transfer"])
+    # an extension row read (not run) without a finished run is left out of the tables and named in the JSON
+    not_run = [label for label in extra if not runs(label) and not any(r["row"] == label for r in records)]
+    extra = {label: row for label, row in extra.items() if label not in not_run}
+
     combined = None
-    if not args.no_combined and args.only is None:
+    if not args.no_combined and args.only is None and args.run_only is None:
         # the best factor on validation (pooled over fractions and seeds), combined with the recomputed statistics
         others = [label for label in rows if not label.startswith("transfer_bn=")]
         pooled = {label: paired(records, label, BASELINE, "val", None)["mean_diff"] for label in others}
@@ -376,7 +472,7 @@ def main() -> None:
         run_factor(label, ["transfer_bn=recompute", *rows[best]])
         rows[label] = ["transfer_bn=recompute", *rows[best]]
 
-    labels = [RANDOM, ENCODER, BASELINE, *rows]
+    labels = [RANDOM, ENCODER, BASELINE, *rows, *extra]
     result = {
         "question": "why DeCon-ML's transferred decoder fine-tunes worse than random init and encoder-only transfer",
         "judged_on": "val mIoU (best validation score of each run); test mIoU of the selected checkpoint reported",
@@ -400,6 +496,19 @@ def main() -> None:
             },
             "finetune_common": FINETUNE_COMMON,
             "factors": rows,
+            "extension": extra or None,
+            "extension_not_run": not_run or None,
+            "extension_pretrain": {
+                name: {
+                    "run": str(run["cfg"].out_dir),
+                    "overrides": run["overrides"],
+                    "skip_dropout": run["cfg"].ssl.skip_dropout,
+                    "steps": pretrain_steps(size),
+                    "probe_curve": probe_curve(Path(run["cfg"].out_dir)),
+                }
+                for name, run in pre_runs.items()
+            }
+            or None,
             "bootstrap_resamples": N_BOOTSTRAP,
         },
         "machine": {
@@ -411,6 +520,7 @@ def main() -> None:
         "durations_s": {
             # measured when the work was done (a rerun that reuses it keeps these figures)
             "pretrain": round(pretrain_seconds, 1),
+            **{f"pretrain {name}": round(run["seconds"], 1) for name, run in pre_runs.items()},
             "finetune_by_row": {
                 row: round(sum(r["wall_time_s"] or 0 for r in records if r["row"] == row), 1)
                 for row in labels
