@@ -24,13 +24,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from decon_med.config import FinetuneConfig, load_config, split_config_args
     from decon_med.distributed import is_main_process
     from decon_med.engine.finetune import finetune, read_results
-    from decon_med.engine.loop import check_compile
     from decon_med.engine.run_folder import check_config_files
 
     files, overrides = split_config_args([args.config, *args.overrides])
     cfg = load_config(files, overrides, schema=FinetuneConfig, require=("train",))
     check_config_files(cfg.out_dir, files)  # the run folder never holds an input
-    check_compile(cfg.train)  # before any work
     run = finetune(
         cfg,
         resume=args.resume,

@@ -109,7 +109,7 @@ from decon_med.experiment_report import (  # noqa: F401  (re-exported: the publi
     summarize,
     write_csv,
 )
-from decon_med.folders import EXPERIMENT_MARKER, OwnedFolder, atomic_write, remove_written
+from decon_med.folders import EXPERIMENT_MARKER, OwnedFolder, atomic_write, overlap, remove_written
 from decon_med.locks import folder_lock
 from decon_med.shipped import not_found, resolve_config
 from decon_med.summary import print_summary
@@ -630,14 +630,8 @@ def _check_out_dir(cfg: ExperimentConfig, specs: Sequence[RunSpec]) -> None:
     (with ``overwrite``) removes files there, and a data loader would list them as images."""
     out = Path(cfg.out_dir).expanduser().resolve()
     for root in sorted({str(s.cfg.data.root) for s in specs if s.cfg.data.root}):
-        data = Path(root).expanduser().resolve()
-        if out == data:
-            where = "is the data root"
-        elif out in data.parents:
-            where = f"holds the data root {root}"
-        elif data in out.parents:
-            where = f"lies inside the data root {root}"
-        else:
+        where = overlap(out, root, "data root")
+        if where is None:
             continue
         raise ConfigError(
             f"config key 'out_dir': '{cfg.out_dir}' {where}; choose an out_dir outside the data"

@@ -136,6 +136,19 @@ def check_deletable(folder: str | os.PathLike, data_roots: Iterable[str | os.Pat
             raise DeconError(f"{folder}: refusing to delete the contents of the data root {root}")
 
 
+def overlap(target: Path, path: str | os.PathLike, description: str) -> str | None:
+    """How the resolved ``target`` meets ``path`` (named ``description``): ``"is the <description>"``, ``"holds the
+    <description> <path>"``, ``"lies inside the <description> <path>"``, or ``None`` when they are apart."""
+    source = resolved_path(path)
+    if target == source:
+        return f"is the {description}"
+    if target in source.parents:
+        return f"holds the {description} {path}"
+    if source in target.parents:
+        return f"lies inside the {description} {path}"
+    return None
+
+
 def check_not_input(
     destination: str | os.PathLike,
     inputs: Iterable[tuple[str, str | os.PathLike | None]],
@@ -159,14 +172,8 @@ def check_not_input(
     for description, path in inputs:
         if path is None or str(path) == "":
             continue
-        source = resolved_path(path)
-        if target == source:
-            problem = f"is the {description}"
-        elif target in source.parents:
-            problem = f"holds the {description} {path}"
-        elif source in target.parents:
-            problem = f"lies inside the {description} {path}"
-        else:
+        problem = overlap(target, path, description)
+        if problem is None:
             continue
         raise DeconError(
             f"{destination}: {what} {problem}; decon-med never writes where it reads its inputs "

@@ -67,7 +67,7 @@ from decon_med.data.splits import split_fraction, write_split
 from decon_med.data.stream import PassStream
 from decon_med.engine.checkpoint import check_finite_state, save_checkpoint
 from decon_med.engine.evaluate import class_names, evaluate_network, write_json
-from decon_med.engine.loop import IntervalMeter, TrainingSession, autocast
+from decon_med.engine.loop import IntervalMeter, TrainingSession, autocast, check_compile
 from decon_med.engine.model_io import load_segmentation_model, model_part, segmentation_state
 from decon_med.engine.optim import build_optimizer, poly_schedule
 from decon_med.engine.pretrain import MetricsLogger, RunPaths, seed_everything
@@ -155,6 +155,7 @@ def finetune(
     """
     check_loggers(cfg.train)  # before any work
     paths = FinetunePaths(Path(cfg.out_dir))
+    check_compile(cfg.train)  # before any work
     with run_folder_lock(paths.root, "finetune"):
         if resume_is_noop(paths, cfg, resume=resume, overwrite=overwrite):
             return paths.root
