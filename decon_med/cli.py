@@ -124,13 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("synth", help="write a small synthetic dataset in an official layout")
-    p.add_argument("--kind", required=True, choices=["isic", "refuge", "folder", "nifti", "textures"])
+    p.add_argument(
+        "--kind", required=True, choices=["isic", "refuge", "folder", "nifti", "textures", "anatomy"]
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--n",
         type=positive_int,
         default=16,
-        help="isic/refuge: training images (val/test get a quarter each); folder: all images; nifti: volumes",
+        help="isic/refuge: training images (val/test get a quarter each); folder: all images; nifti: volumes; "
+        "textures/anatomy: unlabelled images (beside 48 labelled ones)",
     )
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")

@@ -31,7 +31,7 @@ from decon_med.errors import DeconError
 from decon_med.folders import SYNTH_MARKER, OwnedFolder, atomic_write, record_written
 from decon_med.folders import make_folder as _mkdir
 
-SYNTH_KINDS: tuple[str, ...] = ("isic", "refuge", "folder", "nifti", "textures")
+SYNTH_KINDS: tuple[str, ...] = ("isic", "refuge", "folder", "nifti", "textures", "anatomy")
 
 __all__ = ["SYNTH_KINDS", "make_folder", "make_isic", "make_nifti", "make_refuge", "synthesize"]
 
@@ -704,10 +704,12 @@ def synthesize(
     the other formats.
 
     Args:
-        kind: ``"isic"``, ``"refuge"``, ``"folder"``, ``"nifti"`` or ``"textures"``.
+        kind: ``"isic"``, ``"refuge"``, ``"folder"``, ``"nifti"``, ``"textures"`` or ``"anatomy"``.
         out: output folder (created if missing).
         n: training images (isic, refuge), total images (folder), volumes (nifti) or unlabelled images
-            (textures, beside 48 labelled ones; see :mod:`decon_med.data.synthetic_textures`).
+            (textures, beside 48 labelled ones; see :mod:`decon_med.data.synthetic_textures`) or unlabelled
+            slices (anatomy, beside 48 labelled slices of other volumes; see
+            :mod:`decon_med.data.synthetic_anatomy`).
         seed: random seed.
         overwrite: replace a non-empty ``out`` instead of raising :class:`FileExistsError`.
 
@@ -721,10 +723,14 @@ def synthesize(
         >>> synthesize("refuge", "data/refuge", n=8)
         {'train': 8, 'val': 2, 'test': 2}
     """
-    from decon_med.data.synthetic_textures import make_textures  # it uses this module's folder helpers
+    from decon_med.data.synthetic_anatomy import make_anatomy  # both use this module's folder helpers
+    from decon_med.data.synthetic_textures import make_textures
 
     def textures(out: str | Path, n: int, seed: int, overwrite: bool) -> dict[str, int]:
         return make_textures(out, n_unlabeled=n, n_labeled=48, seed=seed, overwrite=overwrite)
+
+    def anatomy(out: str | Path, n: int, seed: int, overwrite: bool) -> dict[str, int]:
+        return make_anatomy(out, n_unlabeled=n, n_labeled=48, seed=seed, overwrite=overwrite)
 
     makers: dict[str, Callable[..., dict[str, int]]] = {
         "isic": make_isic,
@@ -732,6 +738,7 @@ def synthesize(
         "folder": make_folder,
         "nifti": make_nifti,
         "textures": textures,
+        "anatomy": anatomy,
     }
     if kind not in makers:
         raise ValueError(f"unknown synthetic dataset kind {kind!r}; choose one of {', '.join(SYNTH_KINDS)}")
