@@ -86,9 +86,11 @@ CANDIDATES = [ENCODER, ENC_DEC, REINIT]
 def task_data(task: str, out: Path, size: dict) -> tuple[str, ...]:
     """Write the task's data under ``out/data`` (once) and return its class names."""
     if task == "textures":
-        from decon_med.data.synthetic_textures import CLASS_NAMES, make_textures as make
+        from decon_med.data.synthetic_textures import CLASS_NAMES
+        from decon_med.data.synthetic_textures import make_textures as make
     else:
-        from decon_med.data.synthetic_anatomy import CLASS_NAMES, make_anatomy as make
+        from decon_med.data.synthetic_anatomy import CLASS_NAMES
+        from decon_med.data.synthetic_anatomy import make_anatomy as make
     if not (out / "data" / "labeled" / "splits.json").is_file():
         print(f"writing the {task} data ...")
         counts = make(out / "data", size["n_unlabeled"], size["n_labeled"], seed=0, overwrite=True)
@@ -137,7 +139,10 @@ def grid_config(out: Path, export: Path, classes: tuple[str, ...], size: dict, a
             f"train.val_every={size['val_every']}",
             f"train.ckpt_every={size['finetune_iters']}",
         ],
-        "inits": {"random": {"path": None, "method": "random"}, method: {"path": str(export), "method": method}},
+        "inits": {
+            "random": {"path": None, "method": "random"},
+            method: {"path": str(export), "method": method},
+        },
         "transfers": ["encoder", "encoder_decoder"],
         "fractions": size["fractions"],
         "seeds": size["seeds"],
@@ -159,20 +164,33 @@ def entropy_max(run: Path) -> dict[str, float]:
     }
 
 
-def run_task(task: str, out: Path, size: dict, progress: bool, arch: str = "unet") -> dict:
-    """Data, pre-training, the rows' fine-tuning; returns the task's result record."""
+def run_task(
+    task: str, out: Path, size: dict, progress: bool, arch: str = "unet", collect_only: bool = False
+) -> dict:
+    """Data, pre-training, the rows' fine-tuning; returns the task's result record. ``collect_only``: run
+    nothing, read the finished pre-training and whatever fine-tuning runs have finished."""
     out = out / (task if arch == "unet" else f"{task}_{arch}")
     start = time.perf_counter()
     classes = task_data(task, out, size)
     method = ARCHS[arch]["method"]
-    pre_cfg = pretrain_config(out, method, method, size, [*pretrain_overrides(out, classes), *ARCHS[arch]["pretrain"]])
-    print(f"pre-training {method} ({arch}) on {task} at {SIZE} px ...")
-    export, pretrain_seconds = pretrain_and_export(pre_cfg, progress)
+    pre_cfg = pretrain_config(
+        out, method, method, size, [*pretrain_overrides(out, classes), *ARCHS[arch]["pretrain"]]
+    )
+    if collect_only:
+        export = Path(pre_cfg.out_dir) / "export"
+        seconds_file = Path(pre_cfg.out_dir) / "study_seconds.json"
+        if not (export / "export.json").is_file():
+            raise SystemExit(f"{pre_cfg.out_dir}: the pre-training has not finished")
+        pretrain_seconds = json.loads(seconds_file.read_text())["seconds"]
+    else:
+        print(f"pre-training {method} ({arch}) on {task} at {SIZE} px ...")
+        export, pretrain_seconds = pretrain_and_export(pre_cfg, progress)
 
     base = grid_config(out, export, classes, size, arch)
-    print("fine-tuning random / encoder / encoder + decoder ...")
     tick = time.perf_counter()
-    run_experiment(base, progress=progress)
+    if not collect_only:
+        print("fine-tuning random / encoder / encoder + decoder ...")
+        run_experiment(base, progress=progress)
     base_seconds = time.perf_counter() - tick
     base = load_experiment(Path(base.out_dir) / "experiment.yaml")
     names = {"random": RANDOM, "encoder": ENCODER, "encoder_decoder": ENC_DEC}
@@ -183,9 +201,13 @@ def run_task(task: str, out: Path, size: dict, progress: bool, arch: str = "unet
         print(f"fine-tuning {REINIT} ...")
         tick = time.perf_counter()
         reinit = factor_grid_config(base, REINIT, export, ["reinit_decoder_blocks=2"])
-        run_experiment(reinit, progress=progress)
+        if not collect_only:
+            run_experiment(reinit, progress=progress)
+        elif not (Path(reinit.out_dir) / "experiment.yaml").is_file():
+            reinit = None
         finetune_seconds[REINIT] = time.perf_counter() - tick
-        records += collect(reinit, lambda spec: REINIT)
+        if reinit is not None:
+            records += collect(reinit, lambda spec: REINIT)
 
     run = Path(pre_cfg.out_dir)
     return {
@@ -232,7 +254,11 @@ def choose(textures: dict) -> dict:
     difference to random (over fractions and seeds)."""
     pooled = {row: paired(textures["records"], row, RANDOM, "val", None) for row in CANDIDATES}
     best = max(CANDIDATES, key=lambda row: pooled[row]["mean_diff"])
-    return {"row": best, "rule": "highest pooled val mIoU difference to random on textures", "val_vs_random": pooled}
+    return {
+        "row": best,
+        "rule": "highest pooled val mIoU difference to random on textures",
+        "val_vs_random": pooled,
+    }
 
 
 def _pct(f) -> str:
@@ -255,8 +281,13 @@ def markdown(result: dict, chosen: str | None) -> str:
         "pre-training steps)",
         "",
     ]
-    lines.append("| row | " + " | ".join(f"val {_pct(f)}" for f in fractions) + " | "
-                 + " | ".join(f"test {_pct(f)}" for f in fractions) + " |")
+    lines.append(
+        "| row | "
+        + " | ".join(f"val {_pct(f)}" for f in fractions)
+        + " | "
+        + " | ".join(f"test {_pct(f)}" for f in fractions)
+        + " |"
+    )
     lines.append("|---" * (2 * len(fractions) + 1) + "|")
     for row, cells in result["summary"].items():
         mark = " (chosen)" if row == chosen else ""
@@ -265,59 +296,91 @@ def markdown(result: dict, chosen: str | None) -> str:
             for f in fractions:
                 c = cells[str(f)]
                 mean, std = c[f"{split}_mean"], c[f"{split}_std"]
-                vals.append("" if mean is None else f"{mean:.2f} ± {std if std is not None else math.nan:.2f}")
+                vals.append(
+                    "" if mean is None else f"{mean:.2f} ± {std if std is not None else math.nan:.2f}"
+                )
         lines.append(f"| {row}{mark} | " + " | ".join(vals) + " |")
     for split in ("val", "test"):
         table = compare(result["records"], fractions, split, ARCHS[arch]["rows"])
-        lines += ["", f"| {split}: Δ pp (95 % CI, pairs better) | "
-                  + " | ".join(_pct(f) for f in fractions) + " | all |"]
+        lines += [
+            "",
+            f"| {split}: Δ pp (95 % CI, pairs better) | "
+            + " | ".join(_pct(f) for f in fractions)
+            + " | all |",
+        ]
         lines.append("|---" * (len(fractions) + 2) + "|")
         for row, refs in table.items():
             for ref, cells in refs.items():
-                lines.append(f"| {row} {ref} | " + " | ".join(_diff(cells[str(f)]) for f in fractions)
-                             + f" | {_diff(cells['all'])} |")
+                lines.append(
+                    f"| {row} {ref} | "
+                    + " | ".join(_diff(cells[str(f)]) for f in fractions)
+                    + f" | {_diff(cells['all'])} |"
+                )
     lines += ["", "| health | first | last | max |", "|---|---|---|---|"]
     for name, values in result["health"].items():
         if name.endswith("_entropy"):
-            lines.append(f"| {name} | {values['first']:.3f} | {values['last']:.3f} | "
-                         f"{result['entropy_max'].get(name, math.nan):.3f} |")
+            lines.append(
+                f"| {name} | {values['first']:.3f} | {values['last']:.3f} | "
+                f"{result['entropy_max'].get(name, math.nan):.3f} |"
+            )
     if result["probe_curve"]:
         lines += ["", "| step | probe val mIoU %: enc / dec |", "|---|---|"]
-        lines += [f"| {r['step']} | {r['enc_mIoU']:.1f} / {r['dec_mIoU']:.1f} |" for r in result["probe_curve"]]
+        lines += [
+            f"| {r['step']} | {r['enc_mIoU']:.1f} / {r['dec_mIoU']:.1f} |" for r in result["probe_curve"]
+        ]
     lines.append("")
-    lines.append(f"pre-training {result['pretrain_seconds']:.0f} s; fine-tuning "
-                 + ", ".join(f"{k} {v:.0f} s" for k, v in result["finetune_seconds"].items()))
+    lines.append(
+        f"pre-training {result['pretrain_seconds']:.0f} s; fine-tuning "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in result["finetune_seconds"].items())
+    )
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--task", choices=["textures", "anatomy"], help="the task to run")
     parser.add_argument("--arch", choices=list(ARCHS), default="unet", help="the network of every row")
     parser.add_argument("--out", default="runs/few_labels", help="study folder (one sub-folder per task)")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run of every stage")
-    parser.add_argument("--report", action="store_true", help="run nothing: both tasks' tables and the choice")
-    parser.add_argument("--note", default=None, help="a remark stored in the JSON (e.g. on the machine's load)")
+    parser.add_argument(
+        "--report", action="store_true", help="run nothing: both tasks' tables and the choice"
+    )
+    parser.add_argument(
+        "--collect-only",
+        action="store_true",
+        help="run nothing: write the task's JSON from its finished pre-training and fine-tuning runs",
+    )
+    parser.add_argument(
+        "--note", default=None, help="a remark stored in the JSON (e.g. on the machine's load)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
     if not args.report and not args.task:
         parser.error("give --task (or --report)")
     if args.report:
         names = [f"{t}{'' if a == 'unet' else '_' + a}" for a in ARCHS for t in ("textures", "anatomy")]
-        results = {n: json.loads((RESULTS / f"few_labels_{n}.json").read_text())
-                   for n in names if (RESULTS / f"few_labels_{n}.json").is_file()}
+        results = {
+            n: json.loads((RESULTS / f"few_labels_{n}.json").read_text())
+            for n in names
+            if (RESULTS / f"few_labels_{n}.json").is_file()
+        }
         if "textures" not in results:
             raise SystemExit("no textures results yet: the choice is made on them")
         choice = choose(results["textures"])
-        print(f"chosen on textures val (U-Net): {choice['row']} "
-              f"({', '.join(f'{r} {_diff(d)}' for r, d in choice['val_vs_random'].items())})\n")
+        print(
+            f"chosen on textures val (U-Net): {choice['row']} "
+            f"({', '.join(f'{r} {_diff(d)}' for r, d in choice['val_vs_random'].items())})\n"
+        )
         for result in results.values():
             print(markdown(result, choice["row"] if result.get("arch", "unet") == "unet" else None) + "\n")
         (RESULTS / "few_labels_choice.json").write_text(json.dumps(choice, indent=1) + "\n")
         return
     size = dict(QUICK_SIZE if args.quick else FULL)
-    result = run_task(args.task, Path(args.out), size, not args.quiet, args.arch)
+    result = run_task(args.task, Path(args.out), size, not args.quiet, args.arch, args.collect_only)
     result["note"] = args.note
+    result["collected_only"] = args.collect_only
     result["quick"] = args.quick
     name = args.task if args.arch == "unet" else f"{args.task}_{args.arch}"
     path = (Path(args.out) / f"few_labels_{name}.json") if args.quick else RESULTS / f"few_labels_{name}.json"

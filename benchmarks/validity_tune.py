@@ -39,7 +39,11 @@ NO_PROBE = "probe.root=null"
 CANDIDATES: dict[str, tuple[str, int, list[str]]] = {
     "slotcon_paper": ("slotcon", 5, [PAPER_TEMP, PAPER_BLUR, NO_PROBE]),
     "slotcon_teacher_temp_0.04": ("slotcon", 5, ["ssl.teacher_temp=0.04", PAPER_BLUR, NO_PROBE]),
-    "slotcon_center_momentum_0.99": ("slotcon", 5, [PAPER_TEMP, "ssl.center_momentum=0.99", PAPER_BLUR, NO_PROBE]),
+    "slotcon_center_momentum_0.99": (
+        "slotcon",
+        5,
+        [PAPER_TEMP, "ssl.center_momentum=0.99", PAPER_BLUR, NO_PROBE],
+    ),
     "slotcon_dim_out_32": ("slotcon", 5, [PAPER_TEMP, "ssl.dim_out=32", PAPER_BLUR, NO_PROBE]),
     "slotcon_300_steps": ("slotcon", 15, [PAPER_TEMP, PAPER_BLUR, NO_PROBE]),
     "slotcon_blur_scaled": ("slotcon", 5, [PAPER_TEMP, NO_PROBE]),
@@ -97,7 +101,9 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="runs/validity", help="the study folder (its data is reused)")
     parser.add_argument("--only", nargs="*", choices=list(CANDIDATES), help="run these candidates only")
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "validity_tune.json"))

@@ -3,7 +3,7 @@
 Example::
 
     decon-med cost configs/pretrain/decon_ml.yaml --checkpointing none all
-    decon-med cost configs/pretrain/decon_ml.yaml ssl.dim_hidden_dec=2048 --checkpointing all --cuda
+    decon-med cost configs/pretrain/decon_ml.yaml ssl.decoder.dim_hidden=2048 --checkpointing all --cuda
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _cmd_cost(args: argparse.Namespace) -> int:
         raise DeconError(f"--batches: give each batch size once, got {' '.join(map(str, args.batches))}")
     report = cost_report(cfg, checkpointing=modes, batches=sorted(args.batches))
     print(
-        f"{cfg.ssl.method}: {cfg.model.arch}-{cfg.model.encoder} @ {cfg.data.image_size}px, batch "
+        f"{cfg.ssl.label}: {cfg.model.arch}-{cfg.model.encoder} @ {cfg.data.image_size}px, batch "
         f"{cfg.train.batch_size // cfg.train.accum_steps}, amp {cfg.train.amp}, optimizer {cfg.train.optimizer}"
     )
     for mode, row in report.items():

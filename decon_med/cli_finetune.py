@@ -16,6 +16,27 @@ import argparse
 from decon_med.cli_args import positive_int
 from decon_med.errors import ConfigError
 
+#: Default ``--surface-tolerance`` (kept equal to ``decon_med.engine.volume_metrics.SURFACE_TOLERANCE_MM``,
+#: which this module does not import so that ``--help`` stays fast).
+SURFACE_TOLERANCE_MM = 2.0
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0.
+
+    Example:
+        >>> non_negative_float("1.5")
+        1.5
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 #: ``key=value`` overrides ``decon-med evaluate`` accepts (everything else comes from the checkpoint's config).
 EVALUATE_OVERRIDES = ("data.root", "data.num_workers")
 
@@ -78,6 +99,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         data_root=None if root is None else str(root),
         num_workers=workers,
         all_cases=args.all,
+        postprocessing=not args.no_postprocessing,
+        surface_tolerance_mm=args.surface_tolerance,
     )
     return 0
 
@@ -129,5 +152,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="score every case of the data folder (all splits, as split 'all'), e.g. an external data set",
     )
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
+    p.add_argument(
+        "--no-postprocessing",
+        action="store_true",
+        help="score the per-case volumes as the network predicts them, without the run's postprocessing.json",
+    )
+    p.add_argument(
+        "--surface-tolerance",
+        type=non_negative_float,
+        default=SURFACE_TOLERANCE_MM,
+        metavar="MM",
+        help=f"tolerance of the per-case surface Dice (NSD) in mm (default {SURFACE_TOLERANCE_MM:g})",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)

@@ -48,6 +48,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+class _MethodsHelp:
+    """The registered pre-training methods (:mod:`decon_med.ssl.registry`), listed only when the help is printed:
+    importing them takes seconds."""
+
+    def __str__(self) -> str:
+        from decon_med.ssl.registry import help_text
+
+        return help_text()
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``pretrain`` and ``export`` on the sub-command parsers of ``decon-med``.
 
@@ -57,10 +67,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "pretrain", help="self-supervised pre-training (SlotCon, DeCon, DenseCL, MIM) of an smp network"
     )
-    p.add_argument(
+    config = p.add_argument(
         "config",
-        help="YAML pre-training config or a shipped name (decon_ml); it or a later one must set the ssl section",
+        help="YAML pre-training config or a shipped name (decon_ml); it or a later one must set the ssl section. "
+        "ssl.method is one of %(methods)s",
     )
+    config.methods = _MethodsHelp()  # type: ignore[attr-defined]  (read by %(methods)s when help is printed)
     p.add_argument(
         "overrides",
         nargs="*",

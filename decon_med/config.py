@@ -34,23 +34,23 @@ Modality = Literal["rgb", "gray", "mr", "ct", "auto"]
 MrNormalisation = Literal["percentile", "zscore"]
 Orientation = Literal["RAS", "none"]
 SkipEmpty = Literal["pretrain", "train"]
+Sampling = Literal["resize", "patch"]
 Arch = Literal["unet", "fpn", "fcn"]
 Transfer = Literal["random", "encoder", "encoder_decoder"]
+#: ``transfer`` as a user writes it: ``auto`` is resolved when the config is built (``encoder`` with an init).
+TransferChoice = Literal["auto", "random", "encoder", "encoder_decoder"]
 Optimizer = Literal["lars", "sgd", "adamw"]
 Amp = Literal["none", "bf16", "fp16"]
 Checkpointing = Literal["none", "decoder", "encoder", "all"]
-Method = Literal["slotcon", "decon_sl", "decon_ml", "densecl", "decon_sl_densecl", "decon_ml_densecl", "mim"]
 MomentumSchedule = Literal["cosine", "constant"]
 MaskFill = Literal["token", "zero"]
 ExportBranch = Literal["auto", "teacher", "student"]
 Photometric = Literal["byol", "mocov2"]
 
-#: Methods that train the encoder only (alpha must be 1).
-ENCODER_ONLY_METHODS = ("slotcon", "densecl")
-#: Methods that add decoder heads to an encoder method (alpha < 1, at least one level).
-DECODER_METHODS = ("decon_sl", "decon_ml", "decon_sl_densecl", "decon_ml_densecl")
+DecoderPreset = Literal["none", "sl", "ml"]
 Loss = Literal["ce", "dice_ce"]
 Select = Literal["best", "last"]
+SelectMetric = Literal["auto", "miou", "case_dice"]
 Logger = Literal["csv", "tensorboard", "mlflow"]
 
 #: Largest ``seed``: numpy's generators take 32-bit unsigned seeds.
@@ -61,6 +61,8 @@ MAX_EPOCHS = 100_000
 MAX_ITERS = 100_000_000
 #: Finest ``data.spacing`` in mm (finer resamples a scan to more pixels than any memory holds).
 MIN_SPACING = 0.01
+#: Largest ``data.context_slices`` (a stack of 2 x 8 + 1 = 17 slices).
+MAX_CONTEXT_SLICES = 8
 
 
 @dataclass
@@ -73,7 +75,10 @@ class DataConfig:
         root: dataset root folder (``datalist``: the JSON file, or a folder holding ``dataset.json``).
         image_size: side of the square network input in pixels (a multiple of 32 for U-Nets).
         num_workers: DataLoader worker processes.
-        in_channels: network input channels, 1 or 3; greyscale scans are replicated to 3 channels when 3.
+        in_channels: network input channels (>= 1): the data's channels (one per nnU-Net ``_XXXX`` channel file
+            or selected 4D volume, times the CT windows of a CT channel); 1-channel data is replicated when 3
+            (ImageNet-style encoders). Data with another number of channels is one error naming both. With
+            ``context_slices: k``, ``2k + 1`` times the channels of one slice.
         modality: ``rgb`` photos (dermoscopy, fundus), ``gray``, ``mr``, ``ct``, ``auto`` (volumes: decided per
             file from the intensities), or a mapping ``{sub-folder or file glob: modality}`` per file. Picks the
             intensity handling and the augmentations; CT / MR slices never get RGB colour augmentation.
@@ -98,14 +103,36 @@ class DataConfig:
             spacing (square pixels), ``0`` keeps the voxel grid as stored.
         channels: which volumes of 4D images (or ``_XXXX`` channel files of nnU-Net layouts) to use as input
             channels; ``null`` = a 4D image is an error, nnU-Net uses all channel files.
+        channel_names: names of the input channels, in order (after ``channels``); each name decides its
+            channel's intensity handling by nnU-Net's rule: ``CT`` = CT windows (``ct_window``), ``zscore``,
+            ``rescale_to_0_1``, ``noNorm`` (values as stored, clipped to [0, 1]), ``rgb_to_0_1``; any other name
+            (``MRI``, ``T2``, ``ADC``, ``FLAIR``) = MR (``mr_normalisation``). Volumes with names ignore
+            ``modality``. ``null``: ``nnunet`` and ``datalist`` fill them in from their JSON (``channel_names``,
+            MSD ``modality``) when the config is loaded, so the run records them; other layouts use ``modality``.
         affine_tolerance: largest difference (mm) allowed between a label's affine and its image's.
-        fold: labelled layouts: use cross-validation fold ``fold`` (0-based) as val, the other folds as train.
+        fold: labelled layouts: use cross-validation fold ``fold`` (0-based) as val, the other folds as train;
+            with an nnU-Net ``splits_final.json``, its fold ``fold`` (``null``: fold 0).
         num_folds: number of cross-validation folds (seeded, deterministic).
         cache_gb: NIfTI volumes: size bound (GB) of a persistent disk cache of decoded volumes, read back
             memory-mapped by every worker and every later run, and of slice indexes (reused by every run of a grid,
             keyed by file size and modification time); least recently used entries are deleted. ``0`` disables it
             (each worker keeps 4 decoded volumes in memory).
         cache_dir: folder of that cache; ``null`` = ``$XDG_CACHE_HOME/decon-med`` (default ``~/.cache/decon-med``).
+        splits_file: ``nnunet``: an nnU-Net ``splits_final.json`` (a list of ``{"train": [...], "val": [...]}``,
+            one per fold); ``null`` reads ``ROOT/splits_final.json`` when present. Its fold ``data.fold`` gives
+            train and val; test is the labelled ``imagesTs``, else the cases the fold leaves out, else its val.
+        include: ``unlabeled``: only the files whose path relative to ``root`` matches one of these globs are read
+            (e.g. ``[imagesTr/*, imagesTs/*]``); this also says which files are scans, so a root that holds label
+            maps (a ``labelsTr`` / ``masks`` folder, files of a few integer values) is then accepted.
+        context_slices: NIfTI volumes: 2.5D input of ``k`` slices on each side; the ``2k + 1`` neighbouring slices
+            of the same volume and axis (indices clamped at the volume's ends) are stacked as channels, for
+            pre-training, fine-tuning, ``evaluate`` and ``predict``. ``data.in_channels`` must be ``2k + 1`` times
+            the channels of one slice (1 for MR: ``k: 1`` needs ``in_channels: 3``). 2D images are refused.
+        sampling: ``resize`` (each whole slice or image resized to ``image_size``, right for photographs) or
+            ``patch`` (volumes at physical scale: slices resampled to ``data.spacing`` mm pixels, training on
+            random ``image_size`` patches, a third of fine-tuning patches centred on foreground, smaller slices
+            padded; validation, ``evaluate`` and ``predict`` use Gaussian-weighted sliding windows). ``patch``
+            needs a fixed ``data.spacing`` > 0; 2D images are taken at their stored pixel grid.
     """
 
     name: DatasetName = "isic2017"
@@ -134,6 +161,11 @@ class DataConfig:
     num_folds: int = 5
     cache_gb: float = 0.0
     cache_dir: str | None = None
+    context_slices: int = 0
+    sampling: Sampling = "resize"
+    channel_names: list[str] | None = None
+    splits_file: str | None = None
+    include: list[str] | None = None
 
     def validate(self) -> None:
         _check(
@@ -142,7 +174,24 @@ class DataConfig:
             f"must be a positive multiple of 32 (U-Net strides), got {self.image_size}",
         )
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
-        _check(self.in_channels in (1, 3), "data.in_channels", f"must be 1 or 3, got {self.in_channels}")
+        _check(self.in_channels >= 1, "data.in_channels", f"must be >= 1, got {self.in_channels}")
+        names = self.channel_names
+        _check(
+            names is None or (len(names) > 0 and all(str(n).strip() for n in names)),
+            "data.channel_names",
+            "must be a non-empty list of non-empty names (or null)",
+        )
+        _check(
+            self.splits_file is None or self.name == "nnunet",
+            "data.splits_file",
+            "is read by data.name=nnunet only",
+        )
+        _check(
+            self.include is None or (self.name == "unlabeled" and len(self.include) > 0),
+            "data.include",
+            "must be a non-empty list of globs, read by data.name=unlabeled only",
+        )
+        self._validate_context_and_sampling()
         _check(self.num_classes is None or self.num_classes >= 2, "data.num_classes", "must be >= 2")
         _check(
             self.name != "folder" or self.num_classes is not None,
@@ -218,6 +267,34 @@ class DataConfig:
         )
         _check(0.0 <= self.foreground_threshold < 1.0, "data.foreground_threshold", "must be in [0, 1)")
         _check(0.0 <= self.min_foreground <= 1.0, "data.min_foreground", "must be in [0, 1]")
+
+    def _validate_context_and_sampling(self) -> None:
+        k = self.context_slices
+        _check(
+            0 <= k <= MAX_CONTEXT_SLICES,
+            "data.context_slices",
+            f"must be in [0, {MAX_CONTEXT_SLICES}], got {k}",
+        )
+        if k > 0:
+            _check(
+                self.name not in ("isic2017", "refuge"),
+                "data.context_slices",
+                f"{k} needs NIfTI volumes (neighbouring slices); data.name={self.name} holds 2D images",
+            )
+            stack = 2 * k + 1
+            _check(
+                self.in_channels >= stack and self.in_channels % stack == 0,
+                "data.in_channels",
+                f"{self.in_channels} is not a multiple of the {stack} stacked slices of data.context_slices={k} "
+                f"(in_channels = {stack} x the channels of one slice, e.g. {stack} for MR)",
+            )
+        if self.sampling == "patch":
+            _check(
+                self.spacing is not None and self.spacing > 0,
+                "data.sampling",
+                "patch needs a fixed pixel size in mm, data.spacing > 0 "
+                f"(got {'null' if self.spacing is None else f'{self.spacing:g}'}), so every slice has one scale",
+            )
 
 
 @dataclass
@@ -399,7 +476,13 @@ class TrainConfig:
             experiment grids set it (a run then takes about a third of the disk space).
         log_every: write a ``metrics.csv`` row and TensorBoard scalars every this many steps.
         loss: fine-tuning loss: ``ce`` (cross-entropy) or ``dice_ce`` (MONAI DiceCE).
-        select: fine-tuning checkpoint evaluated on test: ``best`` (highest val mIoU) or ``last``.
+        select: fine-tuning checkpoint evaluated on test: ``best`` (highest val ``select_metric``) or ``last``.
+        select_metric: the validation score ``select: best`` maximises: ``miou`` (pooled 2D mIoU over every val
+            pixel, background included, as in the paper), ``case_dice`` (mean over the foreground classes of the
+            mean per-case 3D Dice over the val cases; a missed structure or a false positive on an empty ground
+            truth counts 0, a class empty in both is not scored; needs NIfTI val cases) or ``auto`` (default:
+            ``case_dice`` when the val split holds NIfTI cases, else ``miou``). A resumed run keeps the metric it
+            started with.
         poly_power: fine-tuning poly learning-rate decay power.
         sync_bn: under torchrun, convert BatchNorm layers to SyncBatchNorm (batch statistics over all processes).
         compile: wrap the forward pass in ``torch.compile`` (faster steps on GPU after a one-off compile).
@@ -439,6 +522,7 @@ class TrainConfig:
     log_every: int = 10
     loss: Loss = "ce"
     select: Select = "best"
+    select_metric: SelectMetric = "auto"
     poly_power: float = 0.9
     sync_bn: bool = False
     compile: bool = False
@@ -489,125 +573,469 @@ class TrainConfig:
         )
 
 
-@dataclass
-class SSLConfig:
-    """Self-supervised method and its hyper-parameters (SlotCon defaults; DeCon adds the decoder terms).
+#: What each ``ssl.decoder.preset`` gives the keys a config leaves unset (null): ``sl`` is DeCon-SL (the last
+#: decoder map, alpha 0.5 as in Table 7), ``ml`` DeCon-ML (the five U-Net / FPN levels, decoder losses only, skip
+#: channel dropout 0.5: the paper's best).
+DECODER_PRESETS: dict[str, dict[str, Any]] = {
+    "none": {"levels": [], "alpha": 1.0, "skip_dropout": 0.0},
+    "sl": {"levels": [-1], "alpha": 0.5, "skip_dropout": 0.0},
+    "ml": {"levels": [0, 1, 2, 3, 4], "alpha": 0.0, "skip_dropout": 0.5},
+}
 
-    Attributes:
-        method: ``slotcon`` (encoder only), ``decon_sl`` (one decoder level) or ``decon_ml`` (several levels,
-            deep supervision, skip channel dropout); ``densecl``, ``decon_sl_densecl`` and ``decon_ml_densecl``
-            are the same three with DenseCL heads; ``mim`` is masked image modelling of the whole encoder-decoder.
-        alpha: loss = alpha * L_enc + (1 - alpha) * L_dec; must be 1 for ``slotcon`` and < 1 with a decoder.
-        levels: supervised decoder levels, 0 = coarsest decoder output; negative indices count from the finest
-            (``[-1]`` = the last decoder feature map before the segmentation head).
-        skip_dropout: Dropout2d probability on encoder features entering the decoder through skip connections
-            (student only, pre-training only).
-        dec_grid: supervised decoder levels are average-pooled to at most this grid before their heads, so
-            their cost stays near the encoder head's (0 = no pooling).
-        num_prototypes: encoder prototypes (SlotCon 256).
-        num_prototypes_dec: prototypes of each decoder level (256 or 384).
-        dim_hidden: projector / predictor hidden width (4096).
-        dim_hidden_dec: hidden width of the decoder levels' heads; ``null`` takes ``dim_hidden``. The U-Net's
-            decoder levels have 16 to 256 channels, so a narrower width there cuts DeCon's head cost.
-        dim_out: projector output and slot dimension (256).
-        teacher_temp: teacher softmax temperature of the prototype scores (0.07).
-        student_temp: student softmax temperature (0.1).
-        center_momentum: EMA momentum of the teacher centre (0.9).
-        group_loss_weight: weight of the grouping (self-distillation) loss vs the slot contrastive loss (0.5).
-        slot_temp: temperature of the slot InfoNCE loss (0.2).
-        teacher_momentum: starting EMA momentum of the teacher, raised to 1 on a cosine schedule (0.99).
-        momentum_schedule: ``cosine`` (teacher_momentum -> 1, SlotCon) or ``constant`` (DenseCL's 0.999).
-        queue_size: DenseCL: negatives kept in each queue (65536 in DenseCL, 16384 in DeCon, both on COCO); keep it
-            below the images of one epoch (a warning says when it is not).
-        contrast_temp: DenseCL: InfoNCE temperature of the global and dense losses (0.2).
-        dense_weight: DenseCL: lambda in ``(1 - lambda) * global + lambda * dense`` (0.5).
-        dense_warmup_steps: DenseCL: lambda is held at 0 for this many optimiser steps (small datasets need it).
-        shuffle_bn: DenseCL under torchrun: the key encoder sees the global batch, shuffled each step in an order
-            shared by every process (MoCo's shuffle BN), so BatchNorm statistics cannot tell which key matches a
-            query; no effect in one process.
-        mask_ratio: MIM: fraction of patches masked (0.75).
-        mask_patch: MIM: side of a masked patch in pixels (must divide data.image_size).
-        mask_fill: MIM: masked patches are replaced by a learnable ``token`` or by ``zero``.
-        norm_pix_loss: MIM: targets normalised per patch (mean 0, std 1) before the loss (MAE: better features).
-        export_branch: which network is exported and fine-tuned: ``teacher`` (the EMA network, which the SlotCon
-            reference transfers), ``student`` (the back-propagated network; DenseCL's reference extracts its query
-            encoder) or ``auto``: the teacher for the SlotCon family, the student for the DenseCL family and MIM.
+#: ``ssl`` keys of the flat format (one section shared by every method, before the method registry) -> the key
+#: each one is now, relative to ``ssl``. Configs, checkpoints and overrides that use them are still read.
+LEGACY_SSL_KEYS: dict[str, str] = {
+    "alpha": "decoder.alpha",
+    "levels": "decoder.levels",
+    "skip_dropout": "decoder.skip_dropout",
+    "dec_grid": "decoder.grid",
+    "dim_hidden_dec": "decoder.dim_hidden",
+    "num_prototypes": "slotcon.num_prototypes",
+    "num_prototypes_dec": "slotcon.num_prototypes_dec",
+    "teacher_temp": "slotcon.teacher_temp",
+    "student_temp": "slotcon.student_temp",
+    "center_momentum": "slotcon.center_momentum",
+    "group_loss_weight": "slotcon.group_loss_weight",
+    "slot_temp": "slotcon.slot_temp",
+    "queue_size": "densecl.queue_size",
+    "contrast_temp": "densecl.contrast_temp",
+    "dense_weight": "densecl.dense_weight",
+    "dense_warmup_steps": "densecl.dense_warmup_steps",
+    "shuffle_bn": "densecl.shuffle_bn",
+    "mask_ratio": "mim.mask_ratio",
+    "mask_patch": "mim.mask_patch",
+    "mask_fill": "mim.mask_fill",
+    "norm_pix_loss": "mim.norm_pix_loss",
+}
+
+#: Decoder keys of the flat format and the values it gave them when a config left them unset; an alias
+#: (``ssl.method: decon_ml``) keeps them, so a config written then runs as it did.
+LEGACY_DECODER_DEFAULTS: dict[str, Any] = {"levels": [-1], "alpha": 1.0, "skip_dropout": 0.0}
+
+
+def _registry() -> Any:
+    """:mod:`decon_med.ssl.registry` (imported on first use: it imports the methods, and with them torch)."""
+    from decon_med.ssl import registry
+
+    return registry
+
+
+class MethodName(str):
+    """Type of ``ssl.method``: a name the method registry (:mod:`decon_med.ssl.registry`) holds, a method or an
+    alias; an unknown name is one error with a did-you-mean. Read values are plain ``str``.
+
+    Example:
+        >>> MethodName.coerce_config("slotcn", "ssl.method")
+        Traceback (most recent call last):
+        decon_med.errors.ConfigError: config key 'ssl.method': unknown method 'slotcn' (did you mean 'slotcon'?); ...
     """
 
-    method: Method = "slotcon"
-    alpha: float = 1.0
-    levels: list[int] = field(default_factory=lambda: [-1])
-    skip_dropout: float = 0.0
-    dec_grid: int = 7
-    num_prototypes: int = 256
-    num_prototypes_dec: int = 256
-    dim_hidden: int = 4096
-    dim_hidden_dec: int | None = None
-    dim_out: int = 256
-    teacher_temp: float = 0.07
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-    group_loss_weight: float = 0.5
-    slot_temp: float = 0.2
-    teacher_momentum: float = 0.99
-    momentum_schedule: MomentumSchedule = "cosine"
-    queue_size: int = 65536
-    contrast_temp: float = 0.2
-    dense_weight: float = 0.5
-    dense_warmup_steps: int = 1000
-    shuffle_bn: bool = True
-    mask_ratio: float = 0.75
-    mask_patch: int = 32
-    mask_fill: MaskFill = "token"
-    norm_pix_loss: bool = True
-    export_branch: ExportBranch = "auto"
+    #: Names accepted besides the registry's.
+    extra: tuple[str, ...] = ()
+
+    @classmethod
+    def choices(cls) -> list[str]:
+        """Every accepted name: ``extra``, the registered methods, their aliases."""
+        return [*cls.extra, *_registry().names()]
+
+    @classmethod
+    def coerce_config(cls, value: Any, key: str) -> str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a method name, got {value!r}")
+        if value not in cls.choices():
+            raise ConfigError(_registry().unknown_message(value, key, cls.extra))
+        return str(value)
+
+
+class InitMethodName(MethodName):
+    """An experiment init's ``method``: ``random`` or a name ``ssl.method`` accepts."""
+
+    extra = ("random",)
+
+
+#: ``ssl.method`` values (the registry's names); kept under its earlier name.
+Method = MethodName
+
+
+class _EncoderOnlyMethods:
+    """Live, read-only view of the method names that pre-train the encoder only (a registered method that neither
+    trains the decoder by itself nor carries decoder supervision: ``slotcon``, ``densecl``)."""
+
+    def __contains__(self, name: object) -> bool:
+        spec = _registry().methods().get(name) if isinstance(name, str) else None
+        return spec is not None and not spec.trains_decoder
+
+    def __iter__(self) -> Any:
+        return iter([name for name in _registry().methods() if name in self])
+
+    def __repr__(self) -> str:
+        return f"ENCODER_ONLY_METHODS({', '.join(self)})"
+
+
+#: Names of the methods that train the encoder only (``name in ENCODER_ONLY_METHODS``), from the registry.
+ENCODER_ONLY_METHODS = _EncoderOnlyMethods()
+
+
+@dataclass
+class DecoderConfig:
+    """Decoder supervision (DeCon): the method's heads also on decoder levels, for any method that takes it
+    (``slotcon``, ``densecl``): ``loss = alpha * L_enc + (1 - alpha) * mean_l L_dec[l]``.
+
+    Attributes:
+        preset: ``none`` (encoder only), ``sl`` (DeCon-SL: levels ``[-1]``, alpha 0.5) or ``ml`` (DeCon-ML: levels
+            ``[0, 1, 2, 3, 4]``, alpha 0, skip_dropout 0.5); fills ``levels``, ``alpha`` and ``skip_dropout`` where
+            they are null. ``sl`` supervises exactly one level; ``ml`` does not apply to ``model.arch=fcn``.
+        levels: supervised decoder levels, 0 = coarsest decoder output; negative indices count from the finest
+            (``[-1]`` = the last decoder feature map before the segmentation head); ``[]`` = encoder only.
+            ``null``: the preset's.
+        alpha: weight of the encoder loss: 1 without decoder levels, < 1 with them (0 = decoder losses only).
+            ``null``: the preset's.
+        skip_dropout: Dropout2d probability on encoder features entering the decoder through skip connections
+            (student only, pre-training only); 0 without decoder levels. ``null``: the preset's.
+        grid: supervised decoder levels are average-pooled to at most ``grid`` x ``grid`` before their heads, so
+            their cost stays near the encoder head's (0 = no pooling).
+        dim_hidden: hidden width of the decoder levels' heads; ``null`` takes ``ssl.dim_hidden``. The U-Net's
+            decoder levels have 16 to 256 channels, so a narrower width there cuts DeCon's head cost.
+
+    Example:
+        >>> DecoderConfig(preset="ml", skip_dropout=0.25).levels
+        [0, 1, 2, 3, 4]
+    """
+
+    preset: DecoderPreset = "none"
+    levels: list[int] | None = None
+    alpha: float | None = None
+    skip_dropout: float | None = None
+    grid: int = 7
+    dim_hidden: int | None = None
+
+    def __post_init__(self) -> None:
+        for key, value in DECODER_PRESETS.get(self.preset, DECODER_PRESETS["none"]).items():
+            if getattr(self, key) is None:
+                setattr(self, key, list(value) if isinstance(value, list) else value)
 
     def validate(self) -> None:
-        _check(0.0 <= self.alpha <= 1.0, "ssl.alpha", f"must be in [0, 1], got {self.alpha}")
-        if self.method in ENCODER_ONLY_METHODS:
-            _check(self.alpha == 1.0, "ssl.alpha", f"must be 1 for {self.method} (it has no decoder loss)")
-            _check(self.skip_dropout == 0.0, "ssl.skip_dropout", "applies only to methods with decoder heads")
-        elif self.method in DECODER_METHODS:
-            _check(self.alpha < 1.0, "ssl.alpha", f"must be < 1 for {self.method} (1 ignores the decoder)")
-            _check(len(self.levels) >= 1, "ssl.levels", "needs at least one decoder level")
-            _check(len(set(self.levels)) == len(self.levels), "ssl.levels", "has repeated levels")
-        if self.method.startswith("decon_sl"):
-            _check(len(self.levels) == 1, "ssl.levels", f"{self.method} supervises exactly one decoder level")
+        _check(0.0 <= self.alpha <= 1.0, "ssl.decoder.alpha", f"must be in [0, 1], got {self.alpha}")
         _check(
-            0.0 <= self.skip_dropout < 1.0, "ssl.skip_dropout", f"must be in [0, 1), got {self.skip_dropout}"
+            0.0 <= self.skip_dropout < 1.0,
+            "ssl.decoder.skip_dropout",
+            f"must be in [0, 1), got {self.skip_dropout}",
         )
-        _check(self.dec_grid >= 0, "ssl.dec_grid", "must be >= 0 (0 = no pooling)")
+        _check(self.grid >= 0, "ssl.decoder.grid", "must be >= 0 (0 = no pooling)")
         _check(
-            self.dim_hidden_dec is None or self.dim_hidden_dec >= 1,
-            "ssl.dim_hidden_dec",
-            "must be >= 1 or null",
+            self.dim_hidden is None or self.dim_hidden >= 1, "ssl.decoder.dim_hidden", "must be >= 1 or null"
         )
-        for key in ("num_prototypes", "num_prototypes_dec", "dim_hidden", "dim_out"):
-            _check(getattr(self, key) >= 1, f"ssl.{key}", "must be >= 1")
-        for key in ("teacher_temp", "student_temp", "slot_temp"):
-            _check(getattr(self, key) > 0, f"ssl.{key}", "must be > 0")
-        _check(0.0 <= self.center_momentum < 1.0, "ssl.center_momentum", "must be in [0, 1)")
-        _check(0.0 <= self.group_loss_weight <= 1.0, "ssl.group_loss_weight", "must be in [0, 1]")
-        _check(0.0 <= self.teacher_momentum <= 1.0, "ssl.teacher_momentum", "must be in [0, 1]")
-        _check(self.queue_size >= 1, "ssl.queue_size", "must be >= 1")
-        if "densecl" in self.method:  # a global and a dense queue per head: the encoder's and each level's
-            heads = 1 + (len(self.levels) if self.method in DECODER_METHODS else 0)
-            check_memory(
-                "ssl.queue_size",
-                2 * heads * self.queue_size * self.dim_out * 4,
-                f"the DenseCL queues ({heads} head(s) x 2 queues x {self.queue_size:,} x ssl.dim_out "
-                f"{self.dim_out} x 4 bytes)",
+        _check(
+            len(set(self.levels)) == len(self.levels),
+            "ssl.decoder.levels",
+            f"has repeated levels {self.levels}",
+        )
+        if self.levels:
+            _check(
+                self.alpha < 1.0,
+                "ssl.decoder.alpha",
+                "must be < 1 with decoder levels (1 ignores the decoder); set it, or start from "
+                "ssl.decoder.preset sl or ml",
             )
-        _check(self.contrast_temp > 0, "ssl.contrast_temp", "must be > 0")
-        _check(0.0 <= self.dense_weight <= 1.0, "ssl.dense_weight", "must be in [0, 1]")
-        _check(self.dense_warmup_steps >= 0, "ssl.dense_warmup_steps", "must be >= 0")
-        _check(0.0 < self.mask_ratio < 1.0, "ssl.mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
-        _check(self.mask_patch >= 1, "ssl.mask_patch", "must be >= 1")
-        _check(
-            not (self.method == "mim" and self.export_branch == "teacher"),
-            "ssl.export_branch",
-            "mim has no teacher network (use auto or student)",
+        else:
+            _check(
+                self.alpha == 1.0,
+                "ssl.decoder.alpha",
+                "must be 1 without decoder levels (ssl.decoder.levels)",
+            )
+            _check(
+                self.skip_dropout == 0.0,
+                "ssl.decoder.skip_dropout",
+                "applies only with decoder levels (ssl.decoder.levels)",
+            )
+        if self.preset == "sl":
+            _check(
+                len(self.levels) == 1,
+                "ssl.decoder.levels",
+                f"preset sl supervises exactly one decoder level, got {self.levels}",
+            )
+
+
+@dataclass
+class SSLConfig:
+    """The self-supervised method: its name, the keys shared by the methods with heads, the method's own
+    section ``ssl.<method>`` and decoder supervision ``ssl.decoder`` (see :mod:`decon_med.ssl.registry`).
+
+    Configs in the flat format (``ssl.teacher_temp``, ``ssl.levels``, ``ssl.method: decon_ml_densecl``) are read
+    too: each old key is moved to its place (:data:`LEGACY_SSL_KEYS`), keys of other methods are dropped, and
+    one ``note:`` line per load says so.
+
+    Attributes:
+        method: the pre-training method, a name of the method registry: ``slotcon``, ``densecl`` or ``mim``;
+            ``decon_sl`` / ``decon_ml`` mean ``slotcon`` with ``ssl.decoder.preset`` ``sl`` / ``ml``, and
+            ``decon_sl_densecl`` / ``decon_ml_densecl`` the same around ``densecl`` (decoder keys a config leaves
+            unset then keep the flat format's values: levels ``[-1]``, alpha 1, skip_dropout 0). The method's
+            own keys are its section ``ssl.<method>``.
+        dim_hidden: hidden width of the heads' projector / predictor (SlotCon 4096, DenseCL 2048).
+        dim_out: projector output / embedding dimension (SlotCon 256, DenseCL 128).
+        teacher_momentum: EMA momentum of the teacher: the start of the cosine schedule (SlotCon 0.99) or the
+            constant (DenseCL 0.999).
+        momentum_schedule: ``cosine`` (teacher_momentum -> 1, SlotCon) or ``constant`` (DenseCL).
+        export_branch: which network is exported and fine-tuned: ``teacher`` (the EMA network, which the SlotCon
+            reference transfers), ``student`` (the back-propagated network; DenseCL's reference extracts its query
+            encoder) or ``auto``: the method's choice (the teacher for SlotCon, the student for DenseCL and MIM).
+    """
+
+    method: MethodName = "slotcon"
+    dim_hidden: int = 4096
+    dim_out: int = 256
+    teacher_momentum: float = 0.99
+    momentum_schedule: MomentumSchedule = "cosine"
+    export_branch: ExportBranch = "auto"
+    #: The method's settings (the ``ssl.<method>`` section): an instance of its registered settings dataclass.
+    settings: Any = field(default=None, metadata={"method_section": True})
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+    def __post_init__(self) -> None:
+        registry = _registry()
+        alias = registry.aliases().get(self.method)
+        if alias is not None:  # built in code: the alias's method with the preset's values
+            self.method = alias.method
+            if self.decoder == DecoderConfig():
+                self.decoder = DecoderConfig(preset=alias.preset)
+        if self.settings is None:
+            spec = registry.methods().get(self.method)
+            self.settings = spec.settings() if spec is not None else None
+
+    def __getattr__(self, name: str) -> Any:
+        """``ssl.<method>`` is the method's settings; an old flat name (``ssl.teacher_temp``) reads the key it
+        became (``ssl.slotcon.teacher_temp``)."""
+        state = self.__dict__
+        if name.startswith("__") or "settings" not in state or "decoder" not in state:
+            raise AttributeError(name)
+        if name == state.get("method"):
+            return state["settings"]
+        new = LEGACY_SSL_KEYS.get(name)
+        if new is None:
+            raise AttributeError(f"'SSLConfig' object has no attribute '{name}'")
+        section, key = new.split(".")
+        if section == "decoder":
+            return getattr(state["decoder"], key)
+        if section != state["method"]:
+            raise AttributeError(
+                f"ssl.{name} is now ssl.{new}, a setting of {section}, not of {state['method']}"
+            )
+        return getattr(state["settings"], key)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """An old flat name (``cfg.ssl.num_prototypes = 8``) sets the key it became."""
+        state = self.__dict__
+        if name in LEGACY_SSL_KEYS and "settings" in state and "decoder" in state:
+            section, key = LEGACY_SSL_KEYS[name].split(".")
+            if section != "decoder" and section != state["method"]:
+                raise AttributeError(
+                    f"ssl.{name} is now ssl.{section}.{key}, not a setting of {state['method']}"
+                )
+            setattr(state["decoder"] if section == "decoder" else state["settings"], key, value)
+            return
+        object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_raw(cls, raw: Any, prefix: str = "ssl.") -> SSLConfig:
+        """The section from its YAML mapping: ``method``, the shared keys, ``ssl.<method>`` and ``decoder``;
+        flat-format keys are moved first (one ``note:`` line). The section of another registered method (a config
+        whose ``ssl.method`` an override changed) is checked for unknown keys and types, then left out.
+
+        Raises:
+            ConfigError: unknown method or key (with a did-you-mean), a bad type.
+        """
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{prefix.rstrip('.')}: expected a mapping, got {type(raw).__name__}")
+        raw, moved, described = upgrade_ssl_keys(raw)
+        raw, notes = resolve_ssl(raw, moved)
+        line = old_format_note(prefix.rstrip("."), described, notes)
+        if line:
+            print(line, file=sys.stderr)
+        registry = _registry()
+        method = _coerce(MethodName, raw.get("method", cls.method), f"{prefix}method")
+        spec = registry.get(method, f"{prefix}method")
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "settings"]
+        for key, value in raw.items():
+            if key in names or key == spec.name:
+                continue
+            other = registry.methods().get(key)
+            if (
+                other is not None
+            ):  # another method's section (ssl.method switched by an override): checked, unused
+                from_dict(other.settings, value if value is not None else {}, f"{prefix}{key}.")
+                continue
+            valid = [*names, spec.name]
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'{hint}; valid keys here: {', '.join(valid)}"
+            )
+        kwargs = {
+            key: _coerce(hints[key], value, f"{prefix}{key}") for key, value in raw.items() if key in names
+        }
+        kwargs["method"] = spec.name
+        section = raw.get(spec.name)
+        kwargs["settings"] = from_dict(
+            spec.settings, section if section is not None else {}, f"{prefix}{spec.name}."
         )
+        return cls(**kwargs)
+
+    @property
+    def label(self) -> str:
+        """The run's method as tables and summaries name it: the alias of the method with its decoder preset
+        (``decon_ml`` for ``slotcon`` + ``ml``), ``<method>+decoder`` for decoder levels without a preset, else the
+        method.
+
+        Example:
+            >>> load_config("configs/pretrain/decon_ml_densecl.yaml").ssl.label
+            'decon_ml_densecl'
+        """
+        if not self.decoder.levels:
+            return self.method
+        for alias in _registry().aliases().values():
+            if (alias.method, alias.preset) == (self.method, self.decoder.preset):
+                return alias.name
+        return f"{self.method}+decoder"
+
+    def as_tree(self, tree: dict[str, Any]) -> dict[str, Any]:
+        """``dataclasses.asdict`` of this section with ``settings`` written under the method's name."""
+        return {(self.method if key == "settings" else key): value for key, value in tree.items()}
+
+    def validate(self) -> None:
+        spec = _registry().get(self.method)
+        _check(
+            isinstance(self.settings, spec.settings),
+            f"ssl.{self.method}",
+            f"must hold {spec.settings.__name__}, got {type(self.settings).__name__}",
+        )
+        for key in ("dim_hidden", "dim_out"):
+            _check(getattr(self, key) >= 1, f"ssl.{key}", "must be >= 1")
+        _check(0.0 <= self.teacher_momentum <= 1.0, "ssl.teacher_momentum", "must be in [0, 1]")
+        _check(
+            spec.decoder or not self.decoder.levels,
+            "ssl.decoder.levels",
+            f"{self.method} takes no decoder supervision (its decoder is pre-trained otherwise or not at all); "
+            "leave ssl.decoder.preset at none",
+        )
+        _check(
+            spec.teacher or self.export_branch != "teacher",
+            "ssl.export_branch",
+            f"{self.method} has no teacher network (use auto or student)",
+        )
+
+
+def upgrade_ssl_keys(ssl: dict[str, Any]) -> tuple[dict[str, Any], set[str], list[str]]:
+    """One source's ``ssl`` mapping with each flat-format key moved to its place (:data:`LEGACY_SSL_KEYS`); in the
+    same source an old key wins over its new one. Returns the mapping, the moved keys' new names (relative to
+    ``ssl``) and ``old -> new`` descriptions.
+
+    Example:
+        >>> upgrade_ssl_keys({"method": "slotcon", "teacher_temp": 0.04})[0]
+        {'method': 'slotcon', 'slotcon': {'teacher_temp': 0.04}}
+    """
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in ssl.items() if k not in LEGACY_SSL_KEYS}
+    moved: set[str] = set()
+    described: list[str] = []
+    for old, value in ssl.items():
+        if old not in LEGACY_SSL_KEYS:
+            continue
+        new = LEGACY_SSL_KEYS[old]
+        section, key = new.split(".")
+        if not isinstance(out.get(section), dict):
+            out[section] = {}
+        out[section][key] = value
+        moved.add(new)
+        described.append(f"ssl.{old} -> ssl.{new}")
+    return out, moved, described
+
+
+def resolve_ssl(ssl: dict[str, Any], moved: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """The merged ``ssl`` mapping after :func:`upgrade_ssl_keys`: an alias method becomes its method and decoder
+    preset (decoder keys no source set keep the flat format's values), and the moved keys (``moved``) that do not
+    apply are dropped: the other methods' keys, which the flat format shared, and the decoder keys of a run without
+    decoder levels, which it ignored. Returns the mapping and the notes (empty when nothing old was read).
+
+    Example:
+        >>> resolve_ssl({"method": "decon_ml", "decoder": {"alpha": 0.0}}, set())[0]["decoder"]
+        {'alpha': 0.0, 'preset': 'ml', 'levels': [-1], 'skip_dropout': 0.0}
+    """
+    registry = _registry()
+    notes: list[str] = []
+    method = ssl.get("method", SSLConfig.method)
+    alias = registry.aliases().get(method) if isinstance(method, str) else None
+    if alias is not None:
+        decoder = ssl["decoder"] = dict(ssl.get("decoder") or {})
+        decoder["preset"] = alias.preset
+        kept = {k: v for k, v in LEGACY_DECODER_DEFAULTS.items() if k not in decoder}
+        decoder.update(kept)
+        ssl["method"] = method = alias.method
+        unset = f" (unset {', '.join(f'{k} {v}' for k, v in kept.items())}, as before)" if kept else ""
+        notes.append(
+            f"ssl.method={alias.name} -> ssl.method={alias.method} + ssl.decoder.preset={alias.preset}{unset}"
+        )
+    dropped: list[str] = []
+    for section in registry.methods():
+        node = ssl.get(section)
+        if section == method or not isinstance(node, dict):
+            continue
+        for key in [k for k in node if f"{section}.{k}" in moved]:
+            del node[key]
+            dropped.append(f"ssl.{section}.{key}")
+        if not node:
+            del ssl[section]
+    decoder = ssl.get("decoder")
+    if alias is None and isinstance(decoder, dict):
+        levels_set = bool(decoder.get("levels")) and "decoder.levels" not in moved
+        if decoder.get("preset", "none") == "none" and not levels_set:
+            for key, ignored in (("levels", None), ("alpha", 1.0), ("skip_dropout", 0.0)):
+                if (
+                    f"decoder.{key}" in moved
+                    and key in decoder
+                    and (ignored is None or decoder[key] == ignored)
+                ):
+                    del decoder[key]
+                    dropped.append(f"ssl.decoder.{key}")
+    if dropped:
+        old_names = {new: f"ssl.{old}" for old, new in LEGACY_SSL_KEYS.items()}
+        dropped = [old_names.get(key.removeprefix("ssl."), key) for key in dropped]
+        shown = ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
+        notes.append(f"unused by {method}: {shown}")
+    return ssl, notes
+
+
+def old_format_note(where: str, described: list[str], notes: list[str]) -> str | None:
+    """The one ``note:`` line of a load that read flat-format ``ssl`` settings (``None`` when it read none).
+
+    Example:
+        >>> old_format_note("a.yaml", ["ssl.alpha -> ssl.decoder.alpha"], [])
+        'note: a.yaml: ssl settings in the flat format, read as the current keys: ssl.alpha -> ssl.decoder.alpha'
+    """
+    parts = list(notes)
+    if described:
+        shown = ", ".join(described[:3]) + (f" and {len(described) - 3} more" if len(described) > 3 else "")
+        parts.insert(1 if notes and notes[0].startswith("ssl.method=") else 0, shown)
+    if not parts:
+        return None
+    return f"note: {where}: ssl settings in the flat format, read as the current keys: {'; '.join(parts)}"
+
+
+def upgrade_config(tree: dict[str, Any], where: str | None = None) -> dict[str, Any]:
+    """A config mapping (a saved ``config.yaml``, a checkpoint's ``config``) with its ``ssl`` section in the
+    current format; with ``where``, one ``note: WHERE: ...`` line on stderr when anything old was read.
+
+    Example:
+        >>> upgrade_config({"ssl": {"method": "decon_sl", "alpha": 0.5}})["ssl"]["decoder"]["preset"]
+        'sl'
+    """
+    if not isinstance(tree, dict) or not isinstance(tree.get("ssl"), dict):
+        return tree
+    ssl, moved, described = upgrade_ssl_keys(tree["ssl"])
+    ssl, notes = resolve_ssl(ssl, moved)
+    line = old_format_note(where, described, notes) if where is not None else None
+    if line:
+        print(line, file=sys.stderr)
+    return {**tree, "ssl": ssl}
 
 
 @dataclass
@@ -683,9 +1111,10 @@ class FinetuneConfig(Config):
 
     Attributes:
         init: ``null`` (random) or an exported weights folder / safetensors file / pre-training checkpoint.
-        transfer: ``random``, ``encoder`` (fresh decoder) or ``encoder_decoder`` (only the classifier is new).
-            With an init, ``encoder`` is the measured choice: in the CPU validity study a transferred DeCon decoder
-            fine-tunes below encoder-only transfer and random init (docs/validity.md).
+        transfer: ``auto`` (``encoder`` with an init, ``random`` without; the saved config holds the result),
+            ``random``, ``encoder`` (fresh decoder) or ``encoder_decoder`` (only the classifier is new). ``encoder``
+            is the default with an init because it is what was measured to work: in the CPU studies a transferred
+            DeCon decoder fine-tunes below encoder-only transfer, on both synthetic tasks (docs/validity.md).
         fraction: fraction of the labelled training images used, in (0, 1].
         transfer_bn: BatchNorm running statistics of the transferred layers: ``keep`` (as pre-trained), ``reset``
             (mean 0, variance 1, counter 0) or ``recompute`` (before the first iteration, the exact per-channel
@@ -700,11 +1129,16 @@ class FinetuneConfig(Config):
     """
 
     init: str | None = None
-    transfer: Transfer = "random"
+    transfer: TransferChoice = "auto"
     fraction: float = 1.0
     transfer_bn: TransferBN = "keep"
     transfer_bn_affine: TransferBNAffine = "keep"
     reinit_decoder_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.transfer == "auto":
+            self.transfer = "random" if self.init is None else "encoder"
 
     def validate(self) -> None:
         super().validate()
@@ -733,8 +1167,8 @@ class PretrainConfig(Config):
 
     Example:
         >>> cfg = load_config("configs/pretrain/decon_ml.yaml", ["data.root=/data/scans"])
-        >>> cfg.ssl.method, cfg.ssl.levels
-        ('decon_ml', [0, 1, 2, 3])
+        >>> cfg.ssl.method, cfg.ssl.decoder.preset, cfg.ssl.decoder.levels
+        ('slotcon', 'ml', [0, 1, 2, 3, 4])
     """
 
     ssl: SSLConfig = field(default_factory=SSLConfig)
@@ -742,24 +1176,21 @@ class PretrainConfig(Config):
 
     def validate(self) -> None:
         super().validate()
-        if self.model.arch == "fcn" and self.ssl.method.startswith("decon_ml"):
-            single = self.ssl.method.replace("decon_ml", "decon_sl")
-            raise ConfigError(
-                f"config key 'ssl.method': model.arch=fcn has one decoder level, so {self.ssl.method} (several "
-                f"levels) does not apply; use {single}"
-            )
-        if self.model.arch == "fcn" and self.ssl.method in DECODER_METHODS:
+        decoder = self.ssl.decoder
+        if self.model.arch == "fcn" and decoder.levels:
             _check(
-                all(level in (0, -1) for level in self.ssl.levels),
-                "ssl.levels",
-                f"model.arch=fcn has one decoder level (0 or -1), got {self.ssl.levels}",
+                decoder.preset != "ml",
+                "ssl.decoder.preset",
+                "model.arch=fcn has one decoder level, so ml (DeCon-ML, several levels) does not apply; use sl",
             )
-        if self.ssl.method == "mim":
             _check(
-                self.data.image_size % self.ssl.mask_patch == 0,
-                "ssl.mask_patch",
-                f"must divide data.image_size ({self.data.image_size}), got {self.ssl.mask_patch}",
+                all(level in (0, -1) for level in decoder.levels),
+                "ssl.decoder.levels",
+                f"model.arch=fcn has one decoder level (0 or -1), got {decoder.levels}",
             )
+        check = _registry().get(self.ssl.method).check
+        if check is not None:  # the method's rules between its settings and other sections
+            check(self)
 
 
 #: Config classes a YAML file can be read into, tried in order when the command does not name one.
@@ -790,11 +1221,15 @@ def load_config(
 
     Example:
         >>> cfg = load_config(["configs/pretrain/decon_ml.yaml", "configs/data/inhouse_ct.yaml"], ["data.root=ct"])
-        >>> cfg.ssl.method, cfg.data.modality
-        ('decon_ml', 'ct')
+        >>> cfg.ssl.decoder.preset, cfg.data.modality
+        ('ml', 'ct')
+
+    ``ssl`` keys of the flat format (``ssl.teacher_temp``, ``ssl.method=decon_ml``) are read at their new places
+    (:class:`SSLConfig`), with one ``note:`` line.
     """
     paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     raw: dict[str, Any] = {}
+    old_format = _OldFormat()  # ssl keys of the flat format: moved per source, resolved once merged
     for file in paths:
         sections = _section_names()
         tree = {  # a section whose keys are all commented out is empty, not a reset of the section
@@ -802,10 +1237,12 @@ def load_config(
         }
         if all(key in sections and value == {} for key, value in tree.items()):
             print(f"warning: {file} sets nothing", file=sys.stderr)  # e.g. every key commented out
-        merge_into(raw, tree)
+        merge_into(raw, old_format.source(tree, str(file)))
     for item in overrides:
         key, value = parse_override(item)
+        key, value = old_format.override(key, value)
         set_nested(raw, key, value)
+    note = old_format.resolve(raw)
     if paths:
         missing = [name for name in require if name not in raw]
         if missing:
@@ -818,7 +1255,78 @@ def load_config(
         schema = _infer_schema(raw)
     cfg = from_dict(schema, raw)
     validate_config(cfg)
+    _fill_channel_names(cfg)
+    if note:  # only for a config that loads: a bad one is one error line
+        print(note, file=sys.stderr)
     return cfg
+
+
+class _OldFormat:
+    """The ``ssl`` keys of the flat format met while :func:`load_config` merges its sources: each source's old keys
+    are moved to their places before it is merged (so later sources still win), remembering which keys were last
+    set by an old one; once merged, :func:`resolve_ssl` expands an alias and drops the old keys that do not apply,
+    and one ``note:`` line names the sources."""
+
+    def __init__(self) -> None:
+        self.from_old: dict[str, bool] = {}  # key under ssl -> its last writer used the flat format
+        self.sources: list[str] = []
+        self.described: list[str] = []
+
+    def _record(self, ssl: Any, moved: set[str], prefix: str = "") -> None:
+        for key, value in ssl.items() if isinstance(ssl, dict) else ():
+            if isinstance(value, dict) and value:
+                self._record(value, moved, f"{prefix}{key}.")
+            else:
+                self.from_old[f"{prefix}{key}"] = f"{prefix}{key}" in moved
+
+    def source(self, tree: dict[str, Any], name: str) -> dict[str, Any]:
+        """``tree`` (a file's sections) with its ``ssl`` section in the current format."""
+        ssl = tree.get("ssl")
+        if not isinstance(ssl, dict):
+            return tree
+        ssl, moved, described = upgrade_ssl_keys(ssl)
+        self._record(ssl, moved)
+        if described or ssl.get("method") in _registry().aliases():
+            self.sources.append(name)
+            self.described += described
+        return {**tree, "ssl": ssl}
+
+    def override(self, key: str, value: Any) -> tuple[str, Any]:
+        """A ``key=value`` override with an old ``ssl`` key renamed."""
+        if key == "ssl" and isinstance(value, dict):
+            return key, self.source({"ssl": value}, "overrides")["ssl"]
+        if not key.startswith("ssl."):
+            return key, value
+        name = key[len("ssl.") :]
+        if name in LEGACY_SSL_KEYS:
+            self.from_old[LEGACY_SSL_KEYS[name]] = True
+            self.sources.append("overrides")
+            self.described.append(f"{key} -> ssl.{LEGACY_SSL_KEYS[name]}")
+            return f"ssl.{LEGACY_SSL_KEYS[name]}", value
+        self._record({name: value}, set())
+        if name == "method" and isinstance(value, str) and value in _registry().aliases():
+            self.sources.append("overrides")
+        return key, value
+
+    def resolve(self, raw: dict[str, Any]) -> str | None:
+        """Expand an alias and drop old keys that do not apply, in the merged ``raw``; returns the ``note:`` line
+        (``None`` when nothing old was read)."""
+        if not self.sources or not isinstance(raw.get("ssl"), dict):
+            return None
+        moved = {key for key, old in self.from_old.items() if old}
+        raw["ssl"], notes = resolve_ssl(raw["ssl"], moved)
+        return old_format_note(", ".join(dict.fromkeys(self.sources)), self.described, notes)
+
+
+def _fill_channel_names(cfg: Any) -> None:
+    """``data.channel_names: null`` of an ``nnunet`` / ``datalist`` config, taken from the dataset's JSON (after
+    ``data.channels``), so that the run's saved config records each channel's name and intensity handling."""
+    data = getattr(cfg, "data", None)
+    if isinstance(data, DataConfig) and data.channel_names is None and data.name in ("nnunet", "datalist"):
+        from decon_med.data.layout_base import dataset_channel_names
+
+        names = dataset_channel_names(data)
+        data.channel_names = None if names is None else list(names)
 
 
 #: What a missing top-level section means, for the error of :func:`load_config`'s ``require``.
@@ -961,6 +1469,8 @@ def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, checking every key and type; errors name the dotted key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__}")
+    if hasattr(cls, "from_raw"):  # a section that reads itself (SSLConfig: the method's own section)
+        return cls.from_raw(raw, prefix)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in raw if k not in names]
@@ -984,8 +1494,13 @@ def validate_config(cfg: Any) -> None:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain YAML-safe Python data."""
-    return dataclasses.asdict(cfg)
+    """The config as plain YAML-safe Python data (the method's settings under ``ssl.<method>``)."""
+    tree = dataclasses.asdict(cfg)
+    if isinstance(cfg, SSLConfig):
+        return cfg.as_tree(tree)
+    if isinstance(getattr(cfg, "ssl", None), SSLConfig) and isinstance(tree.get("ssl"), dict):
+        tree["ssl"] = cfg.ssl.as_tree(tree["ssl"])
+    return tree
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -1029,6 +1544,8 @@ def set_nested(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     """Check ``value`` against type hint ``tp`` (converting int to float and lists to tuples where asked)."""
+    if isinstance(tp, type) and hasattr(tp, "coerce_config"):  # a type that checks itself (MethodName)
+        return tp.coerce_config(value, key)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
@@ -1087,6 +1604,16 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}': {message}")
+
+
+def check(ok: bool, key: str, message: str) -> None:
+    """Raise ``ConfigError("config key 'KEY': MESSAGE")`` unless ``ok``: the checks of a settings dataclass's
+    ``validate()`` (a method's ``ssl.<method>`` section).
+
+    Example:
+        >>> check(0.1 > 0, "ssl.slotcon.teacher_temp", "must be > 0")
+    """
+    _check(ok, key, message)
 
 
 def memory_bytes() -> int:

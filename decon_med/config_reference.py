@@ -1,7 +1,9 @@
 """The config reference: every key, its type, default and meaning, generated from the config dataclasses.
 
 The meaning of a key is taken from the ``Attributes:`` section of its dataclass docstring, so the reference in the
-README cannot drift from the code (a test regenerates it and compares).
+README cannot drift from the code (a test regenerates it and compares). The ``ssl.<method>`` sections and the
+values ``ssl.method`` takes come from the method registry (:mod:`decon_med.ssl.registry`): a registered method's
+settings dataclass is listed like any section.
 
 Example:
     >>> print(reference_markdown())                  # what `decon-med config-reference` prints
@@ -66,7 +68,14 @@ def reference_rows(cls: type, prefix: str = "", seen: set[str] | None = None) ->
     rows: list[dict[str, str]] = []
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
-        value = getattr(instance, f.name)
+        # the declared default, as written (``transfer: auto``), not what __post_init__ resolves it to
+        value = f.default if f.default is not dataclasses.MISSING else getattr(instance, f.name)
+        if f.metadata.get("method_section"):  # one section per registered method: ssl.<method>.*
+            from decon_med.ssl import registry
+
+            for name, spec in registry.methods().items():
+                rows.extend(reference_rows(spec.settings, f"{prefix}{name}.", seen))
+            continue
         if dataclasses.is_dataclass(value):
             rows.extend(reference_rows(type(value), f"{key}.", seen))
             continue
@@ -87,6 +96,8 @@ def reference_rows(cls: type, prefix: str = "", seen: set[str] | None = None) ->
 def type_name(tp: Any) -> str:
     """A short readable type: ``int``, ``float | null``, ``list[float]``, ``unet | fpn | fcn``."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if isinstance(tp, type) and hasattr(tp, "choices"):  # MethodName: the registry's names
+        return " \\| ".join(tp.choices())
     if origin is Literal:
         return " \\| ".join(str(a) for a in args)
     if origin is Union or str(origin) == "<class 'types.UnionType'>":

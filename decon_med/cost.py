@@ -408,7 +408,7 @@ def _row(
     static = weights + buffers + grads + optimizer
     allowance_per_image = (2 * largest + recomputed_bytes) / batch_size
     return {
-        "method": cfg.ssl.method,
+        "method": cfg.ssl.label,  # decon_ml for slotcon + ssl.decoder.preset ml: a shipped config's name
         "checkpointing": mode,
         "batch_size": batch_size,
         "image_size": cfg.data.image_size,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from decon_med.config import PretrainConfig, flatten, load_config, read_yaml, to_dict
+from decon_med.config import PretrainConfig, flatten, load_config, read_yaml, to_dict, upgrade_config
 from decon_med.errors import DeconError
 from decon_med.shipped import configs_root
 
@@ -64,19 +64,20 @@ PRETRAIN_OVERRIDES = [
     "train.log_every=4",
     "ssl.dim_hidden=256",
     "ssl.dim_out=64",
-    "ssl.num_prototypes=32",
-    "ssl.num_prototypes_dec=32",
+    "ssl.slotcon.num_prototypes=32",
+    "ssl.slotcon.num_prototypes_dec=32",
     "ssl.teacher_momentum=0.99",
-    "ssl.teacher_temp=0.04",
+    "ssl.slotcon.teacher_temp=0.04",
 ]
 
 METHOD_OVERRIDES = {
-    "slotcon": ["ssl.method=slotcon", "ssl.alpha=1.0"],
+    "slotcon": ["ssl.method=slotcon", "ssl.decoder.preset=none"],
     "decon_ml": [
-        "ssl.method=decon_ml",
-        "ssl.alpha=0.0",
-        "ssl.levels=[0, 1, 2, 3, 4]",
-        "ssl.skip_dropout=0.5",
+        "ssl.method=slotcon",
+        "ssl.decoder.preset=ml",
+        "ssl.decoder.alpha=0.0",
+        "ssl.decoder.levels=[0, 1, 2, 3, 4]",
+        "ssl.decoder.skip_dropout=0.5",
     ],
 }
 
@@ -187,7 +188,7 @@ def check_same_settings(run: Path, cfg: PretrainConfig) -> None:
     """Refuse to reuse a pre-training run that an earlier demo started with other settings (another ``--quick``,
     ``--seed`` ...): its config differs in a key outside :data:`SETTINGS_FREE`."""
     try:
-        saved = flatten(read_yaml(run / "config.yaml"))
+        saved = flatten(upgrade_config(read_yaml(run / "config.yaml")))  # a run of the flat ssl format too
     except DeconError:
         return  # no config yet (or unreadable): the run itself decides
     planned = flatten(to_dict(cfg))

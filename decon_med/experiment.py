@@ -84,6 +84,7 @@ import yaml
 from decon_med.config import (
     ENCODER_ONLY_METHODS,
     FinetuneConfig,
+    InitMethodName,
     Transfer,
     flatten,
     from_dict,
@@ -114,9 +115,8 @@ from decon_med.locks import folder_lock
 from decon_med.shipped import not_found, resolve_config
 from decon_med.summary import print_summary
 
-InitMethod = Literal[
-    "random", "slotcon", "decon_sl", "decon_ml", "densecl", "decon_sl_densecl", "decon_ml_densecl", "mim"
-]
+#: ``random`` or a pre-training method name (the method registry's, aliases included), checked when read.
+InitMethod = InitMethodName
 RunStatus = Literal["done", "interrupted", "pending"]
 
 #: Fine-tuning overrides every grid run starts from (the experiment's own overrides come after them).

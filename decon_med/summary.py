@@ -56,6 +56,8 @@ def _method(cfg: Any) -> str:
         origin = "random init" if init is None else f"init {init} ({getattr(cfg, 'transfer', '')})"
         return f"supervised from {origin}, label fraction {cfg.fraction:g}"
     ssl = getattr(cfg, "ssl", None)
+    if ssl is not None and hasattr(ssl, "label"):  # decon_ml for slotcon + ssl.decoder.preset ml
+        return str(ssl.label)
     return str(ssl.method) if ssl is not None and getattr(ssl, "method", None) else "?"
 
 
@@ -79,10 +81,12 @@ def run_summary(
     """
     data = cfg.data
     modality = data.modality if isinstance(data.modality, str) else "per file"
+    from decon_med.data.layout_base import channel_names  # the names decide each channel's intensity handling
+
+    names = channel_names(data)
+    kind = f"modality {modality}" if names is None else f"channels {' + '.join(names)}"
     channels = f"{data.in_channels} channel" + ("s" if data.in_channels != 1 else "")
-    lines = [
-        f"{command}: {data.name} data at {data.root} (modality {modality}, {data.image_size} px, {channels})"
-    ]
+    lines = [f"{command}: {data.name} data at {data.root} ({kind}, {data.image_size} px, {channels})"]
     if splits is not None:
         counts = "; ".join(
             f"{split} {format_counts(items if isinstance(items, Mapping) else count_items(items))}"

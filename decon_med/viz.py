@@ -311,15 +311,36 @@ def predict_split(run: str | Path, split: str = "test", limit: int | None = None
 
 
 # -- slice grids -----------------------------------------------------------------------------------------------
+def radiological_view(array: np.ndarray) -> np.ndarray:
+    """A slice of a RAS-reoriented volume as a radiologist views it, for display only (the data stay as they are).
+
+    The network's slices keep the canonical voxel order: rows run along the first remaining RAS axis (towards the
+    patient's right, R), columns along the second (A or S), so an axial slice shows the patient's left at the top
+    and anterior on the right. The radiological convention puts anterior (or superior) up and the patient's right
+    on the image's left; that is the transposed slice turned by 180 degrees, the same for axial (x, y), coronal
+    (x, z) and sagittal (y, z; anterior on the left) slices. Works on ``(H, W)`` masks and ``(H, W, C)`` images.
+
+    Example:
+        >>> radiological_view(np.array([[1, 2], [3, 4]]))     # [x, y]: x = 0 left, y = 1 anterior
+        array([[4, 2],
+               [3, 1]])
+    """
+    return np.ascontiguousarray(np.swapaxes(np.asarray(array), 0, 1)[::-1, ::-1])
+
+
 def slice_grid(
     images: Sequence[np.ndarray],
     masks: Sequence[np.ndarray | None] | None = None,
     columns: int = 4,
     tile: int = 128,
     alpha: float = 0.5,
+    radiological: bool = False,
 ) -> np.ndarray:
     """uint8 RGB grid of 2D slices (HWC in [0, 1]; the first channel of a multi-channel slice that is not RGB),
     each tinted with its mask (:func:`overlay`) and fitted into a ``tile x tile`` cell, aspect kept.
+
+    ``radiological``: the slices are of RAS-reoriented volumes and are drawn in the radiological convention
+    (:func:`radiological_view`); the arrays given are not changed.
 
     Example:
         >>> slice_grid([np.zeros((40, 60, 1))] * 5, [np.ones((40, 60), int)] * 5, columns=4).shape
@@ -332,6 +353,9 @@ def slice_grid(
     masks = list(masks) if masks is not None else [None] * len(images)
     if len(masks) != len(images):
         raise ValueError(f"{len(images)} slices but {len(masks)} masks")
+    if radiological:
+        images = [radiological_view(image) for image in images]
+        masks = [None if mask is None else radiological_view(mask) for mask in masks]
     columns = max(1, min(columns, len(images)))
     rows = -(-len(images) // columns)
     grid = np.zeros((rows * tile, columns * tile, 3), dtype=np.uint8)
@@ -364,8 +388,10 @@ def preview_grid(
 ) -> np.ndarray:
     """A grid of ``n`` normalised slices / images of a split, evenly spread, with their label overlays.
 
-    Slices are exactly what the network is given (orientation, square pixels, intensity per file); labelled
-    layouts show the masks as class colours (:data:`CLASS_COLOURS`), unlabelled ones the images only.
+    Slices are what the network is given (square pixels, intensity per file), drawn in the radiological
+    convention when the volumes are reoriented to RAS (:func:`radiological_view`: anterior up, the patient's right
+    on the left; display only); 2D images are drawn as stored. Labelled layouts show the masks as class colours
+    (:data:`CLASS_COLOURS`), unlabelled ones the images only.
 
     Example:
         >>> Image.fromarray(preview_grid(load_config("configs/finetune/folder.yaml"))).save("preview.png")
@@ -383,8 +409,11 @@ def preview_grid(
     for index in _spread(len(items), n):
         item = items[index]
         image, raw = read_pair(item, opts)
+        mask = None if raw is None else layout.map_label(raw, item["label"])
+        if "slice" in item and opts.orientation == "RAS":  # a volume's slice: shown as a radiologist views it
+            image, mask = radiological_view(image), None if mask is None else radiological_view(mask)
         images.append(image)
-        masks.append(None if raw is None else layout.map_label(raw, item["label"]))
+        masks.append(mask)
     return slice_grid(images, masks, columns=columns, tile=tile)
 
 
@@ -397,7 +426,8 @@ def nifti_grid(
     tile: int = 128,
 ) -> np.ndarray:
     """A grid of slices of a NIfTI volume as the network sees them, with a label volume (e.g. a prediction)
-    on the same voxel grid overlaid; up to ``n`` slices, evenly spread over those with labels.
+    on the same voxel grid overlaid; up to ``n`` slices, evenly spread over those with labels, drawn in the
+    radiological convention when reoriented to RAS (:func:`radiological_view`).
 
     Example:
         >>> grid = nifti_grid("scans/case1.nii.gz", "pred/case1_seg.nii.gz", cfg)
@@ -406,7 +436,8 @@ def nifti_grid(
     from decon_med.data.volumes import read_volume, volume_slices
     from decon_med.engine.predict import grid_slices, volume_label_slices
 
-    slices = volume_slices(image, slice_options(cfg.data))
+    opts = slice_options(cfg.data)
+    slices = volume_slices(image, opts)
     if labels is None:
         masks = [np.zeros(im.shape[:2], dtype=np.uint8) for im in slices.images]
     else:
@@ -414,4 +445,10 @@ def nifti_grid(
         volume = np.rint(volume).astype(np.int64).reshape(slices.geometry.shape)
         masks = volume_label_slices(volume, slices)
     picked = grid_slices(masks, n)
-    return slice_grid([slices.images[k] for k in picked], [masks[k] for k in picked], columns, tile)
+    return slice_grid(
+        [slices.images[k] for k in picked],
+        [masks[k] for k in picked],
+        columns,
+        tile,
+        radiological=opts.orientation == "RAS",
+    )

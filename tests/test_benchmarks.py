@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from decon_med.ssl import registry
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -83,25 +85,37 @@ def test_validity_study_configs_tables_and_health(tmp_path, monkeypatch):
     cfg = validity.pretrain_config(tmp_path, "decon_ml", "decon_ml", validity.FULL, [])
     assert cfg.model.arch == "unet" and cfg.model.encoder == "resnet18" and cfg.data.image_size == 64
     assert cfg.train.lr * cfg.train.batch_size / 256 == validity.PRETRAIN_LR
-    assert cfg.ssl.levels == [0, 1, 2, 3, 4] and cfg.data.root == str(tmp_path / "data" / "unlabeled")
-    assert cfg.ssl.teacher_temp == 0.04 and cfg.augment.blur_sigma is None  # the recipe validity_tune.py chose
-    assert cfg.probe.root == str(tmp_path / "data" / "labeled") and cfg.probe.every == validity.FULL["probe_every"]
+    assert cfg.ssl.decoder.levels == [0, 1, 2, 3, 4] and cfg.data.root == str(tmp_path / "data" / "unlabeled")
+    # the recipe validity_tune.py chose
+    assert cfg.ssl.slotcon.teacher_temp == 0.04 and cfg.augment.blur_sigma is None
+    assert cfg.ssl.teacher_temp == 0.04  # the flat name the study scripts read still reads
+    assert (
+        cfg.probe.root == str(tmp_path / "data" / "labeled")
+        and cfg.probe.every == validity.FULL["probe_every"]
+    )
     monkeypatch.syspath_prepend(str(BENCH))  # validity_tune imports validity as its sibling script
     tune = _load("validity_tune")
     for label, (method, _, overrides) in tune.CANDIDATES.items():  # every candidate builds a valid config
         candidate = validity.pretrain_config(tmp_path, label, method, validity.FULL, overrides)
-        assert candidate.ssl.method == method
+        assert candidate.ssl.method == registry.get(method).name  # decon_ml: slotcon + ssl.decoder.preset ml
         if "paper" in label:
-            assert candidate.ssl.teacher_temp == 0.07 and candidate.augment.blur_sigma == [0.1, 2.0]
-        assert candidate.probe.root is None if tune.NO_PROBE in overrides else candidate.probe.root is not None
+            assert candidate.ssl.slotcon.teacher_temp == 0.07 and candidate.augment.blur_sigma == [0.1, 2.0]
+        assert (
+            candidate.probe.root is None if tune.NO_PROBE in overrides else candidate.probe.root is not None
+        )
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.csv").write_text(
         "step,loss,enc_entropy,lr\n5,5.5,0.68,0.001\n10,4.9,,0.001\n15,4.8,0.92,0.001\n"
     )
-    (tmp_path / "run" / "probe.csv").write_text("step,enc_mIoU,dec_mIoU,seconds\n0,0.25,0.5,1.0\n100,0.3,0.625,1.0\n")
+    (tmp_path / "run" / "probe.csv").write_text(
+        "step,enc_mIoU,dec_mIoU,seconds\n0,0.25,0.5,1.0\n100,0.3,0.625,1.0\n"
+    )
     curve = validity.probe_curve(tmp_path / "run")
-    assert curve == [{"step": 0, "enc_mIoU": 25.0, "dec_mIoU": 50.0}, {"step": 100, "enc_mIoU": 30.0, "dec_mIoU": 62.5}]
+    assert curve == [
+        {"step": 0, "enc_mIoU": 25.0, "dec_mIoU": 50.0},
+        {"step": 100, "enc_mIoU": 30.0, "dec_mIoU": 62.5},
+    ]
     assert validity.probe_curve(tmp_path) == []
     health = validity.health_summary(tmp_path / "run")
     assert health == {"loss": {"first": 5.5, "last": 4.8}, "enc_entropy": {"first": 0.68, "last": 0.92}}

@@ -23,6 +23,12 @@ def test_every_key_has_a_meaning_and_its_default():
     for schema in (PretrainConfig, FinetuneConfig):
         rows = {row["key"]: row for row in reference_rows(schema)}
         flat = flatten(to_dict(schema()))
+        if schema is PretrainConfig:  # every registered method's section, not only the default method's
+            from decon_med.ssl import registry
+
+            for name, spec in registry.methods().items():
+                flat.update(flatten(to_dict(spec.settings()), f"ssl.{name}."))
+            assert {"ssl.slotcon.teacher_temp", "ssl.densecl.queue_size", "ssl.mim.mask_ratio"} <= set(flat)
         assert set(rows) == set(flat)
         for key, value in flat.items():
             assert rows[key]["meaning"], f"{key} has no description in its dataclass docstring"
@@ -74,7 +80,7 @@ def test_readme_embeds_the_current_reference():
 
 def test_cli_prints_and_updates(tmp_path, capsys):
     assert main(["config-reference"]) == 0
-    assert "| `ssl.alpha` |" in capsys.readouterr().out
+    assert "| `ssl.decoder.alpha` |" in capsys.readouterr().out
     doc = tmp_path / "doc.md"
     doc.write_text(f"intro\n{BEGIN_MARKER}\nOLD REFERENCE\n{END_MARKER}\noutro\n")
     assert main(["config-reference", "--update", str(doc)]) == 0

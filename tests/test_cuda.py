@@ -469,8 +469,8 @@ def test_cost_rows_record_an_out_of_memory_row_and_go_on(tmp_path, monkeypatch):
     calls = []
 
     def measure(cfg, mode, warmup, steps):
-        calls.append((cfg.ssl.method, cfg.train.batch_size, mode))
-        if cfg.ssl.method == "decon_ml" and cfg.train.batch_size == 4:
+        calls.append((cfg.ssl.label, cfg.train.batch_size, mode))  # decon_ml: slotcon + ssl.decoder.preset ml
+        if cfg.ssl.label == "decon_ml" and cfg.train.batch_size == 4:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return {"peak_gib": 1.5, "img_per_s": 100.0, "device": "fake"}
 

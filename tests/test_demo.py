@@ -11,7 +11,8 @@ from decon_med.experiment import expand_grid
 def test_demo_pretrain_configs(tmp_path):
     for method in METHOD_OVERRIDES:
         cfg = demo_pretrain_config(tmp_path, method, tmp_path / "data")
-        assert cfg.ssl.method == method
+        expected = {"slotcon": ("slotcon", "none"), "decon_ml": ("slotcon", "ml")}[method]
+        assert (cfg.ssl.method, cfg.ssl.decoder.preset) == expected
         assert cfg.model.encoder == "resnet18" and cfg.data.image_size == 64
         assert Path(cfg.out_dir) == tmp_path / "pretrain" / method
         assert cfg.data.name == "unlabeled" and cfg.data.root == str(tmp_path / "data" / "unlabeled")

@@ -52,7 +52,7 @@ PRETRAIN = {
         "warmup_epochs": 0,
         "log_every": 1,
     },
-    "ssl": {"method": "slotcon", "num_prototypes": 8, "dim_hidden": 32, "dim_out": 16},
+    "ssl": {"method": "slotcon", "dim_hidden": 32, "dim_out": 16, "slotcon": {"num_prototypes": 8}},
 }
 
 
@@ -206,7 +206,7 @@ def test_run_stopped_by_bad_data_keeps_its_checkpoint_and_resumes(world, tmp_pat
     [
         ("train.lr=.inf", "train.lr': must be a finite number"),
         ("train.lr=.nan", "train.lr': must be a finite number"),
-        ("init=/does/not/exist", "transfer is 'random'"),
+        ("init=/does/not/exist", "/does/not/exist"),  # transfer: auto = encoder, so the init is read
         ("data.class_names=[a,b,c]", "data.class_names': has 3 names"),
         ("train.lr=1e-3x", "train.lr': expected float"),
     ],

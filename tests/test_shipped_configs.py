@@ -59,7 +59,7 @@ def test_repository_configs_folder_is_the_package_one():
 def test_a_name_resolves_to_the_shipped_file(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no configs/ here
     assert resolve_config(name) == PACKAGE_CONFIGS / "pretrain" / "decon_ml.yaml"
-    assert load_config(name, ["model.encoder=resnet18"], schema=PretrainConfig).ssl.method == "decon_ml"
+    assert load_config(name, ["model.encoder=resnet18"], schema=PretrainConfig).ssl.decoder.preset == "ml"
 
 
 def test_a_file_that_exists_wins(tmp_path, monkeypatch):
@@ -135,7 +135,7 @@ def test_pretrain_cli_takes_a_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = build_parser().parse_args(["pretrain", "decon_ml", "model.encoder=resnet18", "--max-steps", "1"])
     files, overrides = split_config_args([args.config, *args.overrides])
-    assert load_config(files, overrides, schema=PretrainConfig, require=("ssl",)).ssl.method == "decon_ml"
+    assert load_config(files, overrides, schema=PretrainConfig, require=("ssl",)).ssl.decoder.preset == "ml"
 
 
 def test_configs_lists_every_shipped_config(capsys):

@@ -21,12 +21,14 @@ from decon_med.viz import (  # noqa: E402
     feature_pca,
     find_data_root,
     loss_columns,
+    nifti_grid,
     overlay,
     per_class_iou,
     plot_fraction_curves,
     plot_losses,
     plot_paired,
     plot_schedules,
+    radiological_view,
     read_csv_table,
     read_results,
     results_table,
@@ -139,3 +141,31 @@ def test_plots_draw_the_expected_artists():
     plot_schedules(metrics, ax)
     assert ax.get_ylabel() == "learning rate" and len(fig.axes) == 2
     plt.close("all")
+
+
+def test_volume_slices_are_drawn_in_the_radiological_convention(tmp_path):
+    """A marker at the patient's right and front shows top left (anterior up, right on the image's left),
+    whether the file is stored RAS or LPS; the slices handed to the network stay in canonical order."""
+    import nibabel as nib
+
+    from decon_med.config import DataConfig, FinetuneConfig
+
+    ras = np.zeros(
+        (20, 16, 3), dtype=np.float32
+    )  # x: 0 = patient's left .. 19 = right; y: 0 = back .. 15 = front
+    ras[15:20, 12:16, :] = 1.0
+    labels = (ras > 0).astype(np.uint8)
+    lps_affine = np.array([[-1.0, 0, 0, 19], [0, -1.0, 0, 15], [0, 0, 1.0, 0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(ras, np.eye(4)), tmp_path / "ras.nii.gz")
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "ras_seg.nii.gz")
+    nib.save(nib.Nifti1Image(ras[::-1, ::-1].copy(), lps_affine), tmp_path / "lps.nii.gz")
+    nib.save(nib.Nifti1Image(labels[::-1, ::-1].copy(), lps_affine), tmp_path / "lps_seg.nii.gz")
+    cfg = FinetuneConfig(data=DataConfig(name="folder", num_classes=2, in_channels=1, modality="mr"))
+    grid = nifti_grid(tmp_path / "ras.nii.gz", tmp_path / "ras_seg.nii.gz", cfg, n=1, columns=1, tile=80)
+    assert np.array_equal(
+        grid, nifti_grid(tmp_path / "lps.nii.gz", tmp_path / "lps_seg.nii.gz", cfg, n=1, columns=1, tile=80)
+    )
+    # the 16 x 20 (rows x columns) slice fills the 80 px cell's width, 64 px high from row 8: 4 px per voxel
+    rows, cols = np.nonzero(grid.any(axis=2))
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (8, 8 + 4 * 4 - 1, 0, 5 * 4 - 1)
+    assert np.array_equal(radiological_view(np.array([[1, 2], [3, 4]])), [[4, 2], [3, 1]])

@@ -12,6 +12,11 @@ nnU-Net raw (``data.name: nnunet``, ``data.root`` = the ``DatasetXXX_Name`` fold
     imagesTr/<case>_0000.nii.gz    one file per channel, suffix _XXXX = channel index
     labelsTr/<case>.nii.gz
     imagesTs/<case>_0000.nii.gz    optional; the test split when labelsTs/ holds its labels
+    splits_final.json              optional (or data.splits_file): nnU-Net's folds; data.fold picks one
+
+The ``_XXXX`` files of a case are stacked as channels in index order; ``channel_names`` decides each channel's
+intensity handling (:func:`~decon_med.data.intensity.channel_handling`: ``CT`` = CT windows, other names MR).
+Pre-training (listed without labels) reads every case of ``imagesTr`` and ``imagesTs``.
 
 MSD / MONAI datalist (``data.name: datalist``, ``data.root`` = the JSON file or a folder holding
 ``dataset.json``), read with ``monai.data.load_decathlon_datalist``; paths are relative to the JSON's folder::
@@ -38,7 +43,7 @@ from pathlib import Path
 
 from decon_med.config import DataConfig
 from decon_med.data.io import file_stem
-from decon_med.data.layout_base import Layout, _holdout, assign_splits
+from decon_med.data.layout_base import Layout, _holdout, assign_splits, check_in_channels
 from decon_med.errors import DataError
 
 __all__ = ["Datalist", "NnUNetRaw"]
@@ -71,8 +76,37 @@ def _class_names(labels: dict[str, int], path: Path) -> tuple[str, ...]:
     return tuple(name for _, name in by_index)
 
 
+def _read_splits_final(path: Path) -> list[dict[str, list[str]]]:
+    """nnU-Net's ``splits_final.json``: a list with one ``{"train": [ids], "val": [ids]}`` per fold."""
+    if not path.is_file():
+        raise DataError(path, "splits file not found (data.splits_file)")
+    try:
+        folds = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"not valid JSON ({exc})") from exc
+
+    def is_fold(fold: object) -> bool:
+        return isinstance(fold, dict) and all(
+            isinstance(fold.get(k), list) and all(isinstance(i, str) for i in fold[k])
+            for k in ("train", "val")
+        )
+
+    if not isinstance(folds, list) or not folds or not all(is_fold(f) for f in folds):
+        raise DataError(
+            path, 'expected nnU-Net splits: a list of {"train": [case ids], "val": [case ids]} per fold'
+        )
+    return folds
+
+
 class _CaseLayout(Layout):
-    """A layout listing whole cases: labelled cases, an optional val list and an optional shipped test set."""
+    """A layout listing whole cases: labelled cases, an optional val list and an optional shipped test set.
+
+    Listed without labels (pre-training), the train split is every case of the dataset: the training, validation
+    and test cases, labelled or not (nnU-Net: ``imagesTr`` and ``imagesTs``).
+    """
+
+    #: The JSON file the channel names come from (named in errors).
+    channel_source: Path
 
     def _cases(self, labeled: bool) -> dict[str, Case]:
         raise NotImplementedError
@@ -94,6 +128,7 @@ class _CaseLayout(Layout):
         return assign_splits(pool, self.cfg, test_ids=sorted(test) if labelled_test else None)
 
     def _pairs(self, split, labeled):
+        check_in_channels(self.cfg, self.channel_source)
         cases = self._cases(labeled)
         if not cases:
             raise DataError(self.root, "no training cases listed")
@@ -101,9 +136,12 @@ class _CaseLayout(Layout):
         overlap = sorted((cases.keys() | (val or {}).keys()) & test.keys())
         if overlap:
             raise DataError(self.root, f"case ids in both training and test: {overlap[:5]}")
-        ids = self._split_ids(cases, val, test)
         everything = {**cases, **(val or {}), **test}
         self._ids = {str(images[0]): case_id for case_id, (images, _) in everything.items()}
+        if not labeled and split == "train":  # pre-training: every scan, whatever its split or label
+            ids = {"train": sorted(everything)}
+        else:
+            ids = self._split_ids(cases, val, test)
         pairs = []
         for case_id in ids[split]:
             images, label = everything[case_id]
@@ -137,7 +175,7 @@ class NnUNetRaw(_CaseLayout):
 
     def __init__(self, cfg: DataConfig):
         super().__init__(cfg)
-        self.meta_path = self.root / "dataset.json"
+        self.meta_path = self.channel_source = self.root / "dataset.json"
         self.meta = _read_json(self.meta_path) if self.root.is_dir() else {}
         self.class_names = _class_names(self.meta.get("labels"), self.meta_path) if self.meta else ()
         self.file_ending = str(self.meta.get("file_ending", ".nii.gz"))
@@ -206,6 +244,39 @@ class NnUNetRaw(_CaseLayout):
     def _test_cases(self):
         return self._folder_cases("imagesTs", "labelsTs")
 
+    def splits_path(self) -> Path | None:
+        """The nnU-Net ``splits_final.json`` read: ``data.splits_file``, else ``ROOT/splits_final.json`` if any.
+
+        Example:
+            >>> NnUNetRaw(DataConfig(name="nnunet", root="Dataset001_Liver")).splits_path()
+            PosixPath('Dataset001_Liver/splits_final.json')
+        """
+        if self.cfg.splits_file is not None:
+            return Path(self.cfg.splits_file).expanduser()
+        found = self.root / "splits_final.json"
+        return found if found.is_file() else None
+
+    def _split_ids(self, cases, val, test):
+        path = self.splits_path()
+        if path is None:
+            return super()._split_ids(cases, val, test)
+        folds = _read_splits_final(path)
+        fold = 0 if self.cfg.fold is None else self.cfg.fold
+        if fold >= len(folds):
+            raise DataError(path, f"has {len(folds)} fold(s); data.fold={fold} is not one of them")
+        train, held = sorted(folds[fold]["train"]), sorted(folds[fold]["val"])
+        both = sorted(set(train) & set(held))
+        if both:
+            raise DataError(path, f"fold {fold} lists cases in both train and val: {both[:5]}")
+        unknown = sorted(set(train + held) - set(cases))
+        if unknown:
+            raise DataError(path, f"fold {fold} lists cases with no image in imagesTr/: {unknown[:5]}")
+        if test and all(label is not None for _, label in test.values()):
+            rest = sorted(test)
+        else:
+            rest = sorted(set(cases) - set(train) - set(held)) or held
+        return {"train": train, "val": held, "test": rest}
+
 
 class Datalist(_CaseLayout):
     """An MSD ``dataset.json`` or any MONAI datalist JSON (``training`` / ``validation`` / ``test`` lists).
@@ -226,7 +297,7 @@ class Datalist(_CaseLayout):
 
     def __init__(self, cfg: DataConfig):
         super().__init__(cfg)
-        self.json_path = self.root / "dataset.json" if self.root.is_dir() else self.root
+        self.json_path = self.channel_source = self.root / "dataset.json" if self.root.is_dir() else self.root
         self.meta = _read_json(self.json_path) if self.json_path.is_file() else {}
         labels = self.meta.get("labels")
         if isinstance(labels, dict) and labels:

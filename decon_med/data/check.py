@@ -5,7 +5,10 @@ root, empty folder, unreadable or truncated image / NIfTI, image without mask (o
 values outside the expected set, image/mask size mismatch, a label fraction that selects no image; for volumes,
 a label whose shape or affine differs from its image's, non-integer label values and 4D images without
 ``data.channels``. The summary also counts, per split, the slices each rule skipped and the modality of each
-volume, and lists files whose intensities contradict their declared modality.
+volume, lists each volume's modality and how it was decided (declared, or ``auto`` with its evidence;
+:func:`modality_rows`), and lists files whose intensities contradict their declared modality or whose ``auto``
+decision is uncertain (one warning line each; the check goes on). Run folders keep the same per-file list as
+``modalities.csv`` (:func:`write_modalities`).
 
 Example:
     >>> summary = check_dataset(load_config("configs/finetune/isic.yaml"))
@@ -14,17 +17,27 @@ Example:
 
 from __future__ import annotations
 
+import csv
+import io
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from decon_med.config import Config
 from decon_med.data.datasets import read_pair
+from decon_med.data.intensity import match_modality, recorded_decision
 from decon_med.data.layouts import LAYOUTS, SPLITS, Layout, get_layout, num_classes, slice_options
 from decon_med.data.splits import split_fraction
+from decon_med.data.volumes import SliceOptions
 from decon_med.errors import ConfigError, DataError
+from decon_med.folders import atomic_write
+
+#: Files listed one per line in the ``check-data`` printout (all are in ``--json``).
+MAX_LISTED_FILES = 20
 
 
 def check_dataset(cfg: Config, progress: bool = True) -> dict:
@@ -54,14 +67,23 @@ def check_dataset(cfg: Config, progress: bool = True) -> dict:
         "splits": {},
     }
     train_items: list[dict] = []
+    listed: dict[str, list[dict]] = {}
     for split in splits:
         items = layout.items(split, labeled=labeled)
         if not items:
             raise DataError(layout.root, f"split '{split}' has no images")
         if split == "train":
             train_items = items
+        listed[split] = items
         summary["splits"][split] = _check_items(layout, items, split, cfg.data.num_workers, progress)
         summary["splits"][split].update(_volume_stats(layout.stats.get(split, {})))
+    rows = modality_rows(listed, slice_options(cfg.data))
+    summary["files"] = rows
+    for row in rows:
+        if not row["certain"]:
+            line = f"{row['file']}: auto modality {row['modality']} is uncertain ({row['how']}); "
+            line += "declare it with data.modality"
+            summary["splits"][row["split"]]["warnings"].append(line)
     fraction = getattr(cfg, "fraction", None)
     if fraction is not None:
         subset = split_fraction(train_items, fraction, cfg.seed)
@@ -118,6 +140,72 @@ def _volume_stats(stats: dict) -> dict:
     }
 
 
+def modality_rows(splits: Mapping[str, Sequence[dict]], opts: SliceOptions) -> list[dict]:
+    """One row per volume of the listed splits: ``split``, ``file``, ``modality``, ``how`` (``declared``, ``declared
+    by data.modality pattern``, ``auto: <evidence>``, ``channel names``) and ``certain``; 2D images are left out.
+
+    Example:
+        >>> modality_rows({"train": layout.items("train")}, slice_options(cfg.data))[0]
+        {'split': 'train', 'file': 'data/ct/case1.nii.gz', 'modality': 'ct', 'how': 'auto: 61 % near -1000 HU, ...', 'certain': True}
+    """
+    rows = []
+    for split, items in splits.items():
+        seen: set[str] = set()
+        for item in items:
+            image = item.get("image")
+            if "slice" not in item or image in seen:
+                continue
+            seen.add(image)
+            decision = recorded_decision(image)
+            if opts.channel_modalities is not None:
+                how, certain = "channel names (data.channel_names or dataset.json)", True
+            elif decision is not None and decision[0] == item.get("modality"):
+                how, certain = decision[1], decision[2]
+            elif match_modality(image, opts.modality_spec, opts.root) != "auto":
+                how, certain = "declared", True
+            else:
+                how, certain = "auto (slice index from the disk cache; evidence not recorded)", True
+            modality = item.get("modality", "")
+            rows.append({"split": split, "file": image, "modality": modality, "how": how, "certain": certain})
+    return rows
+
+
+def write_modalities(path: Path, splits: Mapping[str, Sequence[dict]], opts: SliceOptions) -> bool:
+    """Write :func:`modality_rows` as a CSV (``split,file,modality,how,certain``) atomically, when any split holds a
+    volume; returns whether it wrote.
+
+    Example:
+        >>> write_modalities(Path("runs/ft/liver/modalities.csv"), {"train": items}, slice_options(cfg.data))
+        True
+    """
+    rows = modality_rows(splits, opts)
+    if not rows:
+        return False
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=["split", "file", "modality", "how", "certain"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
+    return True
+
+
+def _format_modalities(rows: list[dict], root: str) -> list[str]:
+    """The per-file modality lines of the printout (the uncertain ones first, at most :data:`MAX_LISTED_FILES`)."""
+    if not rows:
+        return []
+    ordered = sorted(rows, key=lambda r: r["certain"])
+    lines = ["modality per volume (how it was decided):"]
+    for row in ordered[:MAX_LISTED_FILES]:
+        try:
+            name = Path(row["file"]).relative_to(root).as_posix()
+        except ValueError:
+            name = row["file"]
+        lines.append(f"  {row['split']:<6} {name}: {row['modality']} ({row['how']})")
+    if len(rows) > MAX_LISTED_FILES:
+        lines.append(f"  ... and {len(rows) - MAX_LISTED_FILES} more (every file is in --json)")
+    return lines
+
+
 def _format_volume_stats(summary: dict) -> list[str]:
     lines = []
     for split, s in summary["splits"].items():
@@ -157,6 +245,7 @@ def format_summary(summary: dict) -> str:
         ]
         if diffs:
             lines.append("note: counts differ from the official release (" + ", ".join(diffs) + ")")
+    lines += _format_modalities(summary.get("files", []), summary["root"])
     lines += _format_volume_stats(summary)
     if "fraction" in summary:
         f = summary["fraction"]

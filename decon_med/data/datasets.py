@@ -10,6 +10,11 @@ Each sample is read by :class:`LoadSample` into ``{"image": (H, W, C) float32 in
 Random transforms draw from a per-sample seed derived from ``(seed, epoch, id)``, so a run resumed at an epoch
 sees exactly the augmentations an uninterrupted run would, whatever the number of workers.
 
+2.5D (``data.context_slices: k``): a NIfTI slice item is read as the stack of its ``2k + 1`` neighbouring slices
+(same volume and axis, indices clamped at the volume's ends), each read exactly as a single slice of
+``data.in_channels / (2k + 1)`` channels and concatenated along the channel axis (:func:`load_context`); 2D
+images are refused. ``data.sampling: patch`` picks the patch transforms (see :mod:`decon_med.data.transforms`).
+
 Example:
     >>> cfg = load_config("configs/finetune/isic.yaml")
     >>> ds = build_dataset(cfg, split="train", mode="train")
@@ -21,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -29,16 +35,18 @@ from monai.data import CacheDataset, DataLoader, Dataset
 from monai.transforms import Compose, RandomizableTrait, Transform
 from torch.utils.data import default_collate
 
-from decon_med.config import Config
+from decon_med.config import Config, DataConfig
 from decon_med.data.io import read_image, read_mask
 from decon_med.data.layouts import Layout, get_layout, slice_options
 from decon_med.data.transforms import (
     SegEvalTransform,
+    SegPatchTransform,
     SegTrainTransform,
     TwoViewTransform,
     augmentation_modality,
+    default_normalisation,
 )
-from decon_med.data.volumes import SliceOptions, load_label_slice, load_slice
+from decon_med.data.volumes import SliceOptions, load_label_slice, load_slice, slice_count
 from decon_med.errors import DataError
 
 Mode = Literal["pretrain", "train", "eval"]
@@ -51,32 +59,41 @@ class LoadSample(Transform):
     so CT / MR slices never get RGB colour augmentation; the configured one for 2D files) are kept, so items from
     2D files and from volumes collate together.
 
+    With ``context`` > 0 the image of a NIfTI slice is its 2.5D stack (:func:`load_context`; ``opts.channels``
+    are then the channels of one slice).
+
     Example:
         >>> load = LoadSample(layout, slice_options(cfg.data))
         >>> sample = load({"image": "a.png", "label": "a_mask.png", "id": "a"})
     """
 
-    def __init__(self, layout: Layout, opts: SliceOptions):
+    def __init__(self, layout: Layout, opts: SliceOptions, context: int = 0):
         self.layout = layout
         self.opts = opts
+        self.context = context
         self._modality = opts.modality if opts.modality in ("rgb", "gray", "mr", "ct") else "rgb"
 
     def __call__(self, item: dict) -> dict:
-        image, raw = read_pair(item, self.opts)
+        image, raw = read_pair(item, self.opts, self.context)
         sample = {"image": image, "id": item["id"], "modality": item.get("modality") or self._modality}
         if raw is not None:
             sample["label"] = self.layout.map_label(raw, item["label"])
         return sample
 
 
-def read_pair(item: dict, opts: SliceOptions) -> tuple[np.ndarray, np.ndarray | None]:
+def read_pair(item: dict, opts: SliceOptions, context: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     """An item's image ``(H, W, C)`` in [0, 1] and its raw mask values ``(H, W)`` (``None`` without a mask).
 
+    With ``context`` > 0 a NIfTI slice's image is its stack of ``2 * context + 1`` neighbouring slices
+    (:func:`load_context`) and the mask is the middle slice's.
+
     Raises:
-        DataError: unreadable file, or a mask whose size differs from the image's.
+        DataError: unreadable file, a mask whose size differs from the image's, or a 2D image with ``context``.
     """
     if "slice" in item:
-        image = load_slice(item, opts)
+        image = load_context(item, opts, context) if context else load_slice(item, opts)
+    elif context:
+        raise _flat_image(item, context)
     else:
         image = read_image(item["image"], channels=opts.channels)
     label_path = item.get("label")
@@ -92,6 +109,70 @@ def read_pair(item: dict, opts: SliceOptions) -> tuple[np.ndarray, np.ndarray | 
             f"mask size {tuple(raw.shape)} differs from image size {tuple(image.shape[:2])} of {item['image']}",
         )
     return image, raw
+
+
+def context_indices(index: int, count: int, context: int) -> list[int]:
+    """Slice indices of the 2.5D stack around ``index``: ``index - context .. index + context``, clamped to
+    ``0 .. count - 1`` (the end slices repeat).
+
+    Example:
+        >>> context_indices(0, 12, 1), context_indices(5, 12, 2), context_indices(11, 12, 1)
+        ([0, 0, 1], [3, 4, 5, 6, 7], [10, 11, 11])
+    """
+    return [min(max(index + offset, 0), count - 1) for offset in range(-context, context + 1)]
+
+
+def stack_context(slices: Sequence[np.ndarray], index: int, context: int) -> np.ndarray:
+    """The 2.5D stack of slice ``index`` from all ``(H, W, C)`` slices of a volume: ``(H, W, (2k + 1) * C)``, the
+    neighbours of :func:`context_indices` in order, each with its ``C`` channels.
+
+    Example:
+        >>> stack = stack_context(volume_slices(path, opts).images, index=5, context=1)    # slices 4, 5, 6
+    """
+    return np.concatenate([slices[j] for j in context_indices(index, len(slices), context)], axis=2)
+
+
+def load_context(item: dict, opts: SliceOptions, context: int) -> np.ndarray:
+    """The 2.5D stack of a NIfTI slice item: each neighbouring slice as :func:`load_slice` reads it alone (``opts``
+    with the channels of one slice), concatenated along the channel axis, ``(H, W, (2k + 1) * C)``.
+
+    Example:
+        >>> load_context(items[0], opts, context=1)[..., 1:2] == load_slice(items[0], opts)     # the middle
+    """
+    indices = context_indices(int(item["slice"]), slice_count(item, opts), context)
+    return np.concatenate([load_slice({**item, "slice": j}, opts) for j in indices], axis=2)
+
+
+def stacked_slices(data: DataConfig) -> int:
+    """Slices in one network input: ``2 * data.context_slices + 1`` (1 without 2.5D context)."""
+    return 2 * data.context_slices + 1
+
+
+def input_slice_options(data: DataConfig) -> SliceOptions:
+    """:func:`slice_options` for reading the slices of network inputs: with 2.5D context, ``channels`` are those
+    of one slice (``data.in_channels / (2k + 1)``), so that the stack has ``data.in_channels``.
+
+    Example:
+        >>> input_slice_options(cfg.data).channels       # context_slices 1, in_channels 3
+        1
+    """
+    return slice_options(data)  # slice_options already reads one slice's channels
+
+
+def input_fill(data: DataConfig) -> tuple[float, ...]:
+    """Per input channel, the normalised value of intensity 0: what patch sampling pads images with."""
+    mean, std = default_normalisation(
+        data.in_channels, augmentation_modality(data.modality), stacked_slices(data)
+    )
+    return tuple(-m / s for m, s in zip(mean, std, strict=True))
+
+
+def _flat_image(item: dict, context: int) -> DataError:
+    return DataError(
+        item["image"],
+        f"a 2D image has no neighbouring slices; data.context_slices={context} needs NIfTI volumes "
+        "(set data.context_slices=0 for 2D images)",
+    )
 
 
 class SampleSeeder(RandomizableTrait, Transform):
@@ -119,7 +200,12 @@ def build_transform(cfg: Config, mode: Mode, full_labels: bool = False):
     ``full_labels`` (eval mode) also keeps each mask at its original size as ``label_full``.
     """
     data, aug = cfg.data, cfg.augment
-    common = {"modality": augmentation_modality(data.modality), "in_channels": data.in_channels}
+    common = {
+        "modality": augmentation_modality(data.modality),
+        "in_channels": data.in_channels,
+        "slices": stacked_slices(data),
+    }
+    patch = data.sampling == "patch"
     if mode == "pretrain":
         return TwoViewTransform(
             data.image_size,
@@ -129,8 +215,11 @@ def build_transform(cfg: Config, mode: Mode, full_labels: bool = False):
             color=aug.color,
             recipe=aug.photometric,
             blur_sigma=aug.blur_sigma,
+            patch=patch,
             **common,
         )
+    if mode == "train" and patch:
+        return SegPatchTransform(data.image_size, hflip=aug.hflip, vflip=aug.vflip, **common)
     if mode == "train":
         return SegTrainTransform(
             data.image_size,
@@ -140,7 +229,7 @@ def build_transform(cfg: Config, mode: Mode, full_labels: bool = False):
             **common,
         )
     if mode == "eval":
-        return SegEvalTransform(data.image_size, full_label=full_labels, **common)
+        return SegEvalTransform(data.image_size, full_label=full_labels, patch=patch, **common)
     raise ValueError(f"unknown mode '{mode}'; expected pretrain, train or eval")
 
 
@@ -171,7 +260,11 @@ def build_dataset(
         items = layout.items(split, labeled=mode != "pretrain")
     if not items:
         raise DataError(layout.root, f"split '{split}' has no images")
-    steps = [LoadSample(layout, slice_options(cfg.data))]
+    context = cfg.data.context_slices
+    flat = next((item for item in items if "slice" not in item), None) if context else None
+    if flat is not None:
+        raise _flat_image(flat, context)
+    steps = [LoadSample(layout, input_slice_options(cfg.data), context)]
     seeder = None
     if mode in ("pretrain", "train"):
         seeder = SampleSeeder(cfg.seed)
@@ -194,11 +287,11 @@ def build_dataset(
 
 
 def collate_eval(samples: list[dict]) -> dict:
-    """Batch eval samples: tensors stacked as usual, ``label_full`` (sizes differ) kept as a list."""
-    full = [s.pop("label_full") for s in samples] if "label_full" in samples[0] else None
+    """Batch eval samples: tensors stacked as usual, ``label_full`` and ``image_full`` (sizes differ) kept as
+    lists."""
+    lists = {key: [s.pop(key) for s in samples] for key in ("label_full", "image_full") if key in samples[0]}
     batch = default_collate(samples)
-    if full is not None:
-        batch["label_full"] = full
+    batch.update(lists)
     return batch
 
 

@@ -13,6 +13,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -22,6 +24,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from decon_med.config import DataConfig
+from decon_med.data.intensity import channel_handling
 from decon_med.data.io import file_stem, is_image, is_nifti
 from decon_med.data.splits import kfold_split
 from decon_med.data.volume_cache import scan_progress
@@ -32,7 +35,8 @@ SPLITS = ("train", "val", "test")
 
 
 def slice_options(cfg: DataConfig) -> SliceOptions:
-    """NIfTI slicing options from the data config."""
+    """NIfTI slicing options from the data config (each channel's handling from :func:`channel_names`)."""
+    names = channel_names(cfg)
     modality = (
         cfg.modality if isinstance(cfg.modality, str) else tuple((str(k), v) for k, v in cfg.modality.items())
     )
@@ -50,14 +54,99 @@ def slice_options(cfg: DataConfig) -> SliceOptions:
         mr_normalisation=cfg.mr_normalisation,
         foreground_threshold=cfg.foreground_threshold,
         min_foreground=cfg.min_foreground,
-        channels=cfg.in_channels,
+        channels=cfg.in_channels // (2 * cfg.context_slices + 1),  # one slice's channels (2.5D stacks 2k+1)
         orientation=cfg.orientation,
         spacing=cfg.spacing,
         select=None if cfg.channels is None else tuple(cfg.channels),
         affine_tolerance=cfg.affine_tolerance,
         cache_dir=cfg.cache_dir,
         cache_gb=cfg.cache_gb,
+        channel_modalities=None if names is None else tuple(channel_handling(n) for n in names),
     )
+
+
+def channel_names(cfg: DataConfig) -> tuple[str, ...] | None:
+    """The names of the input channels: ``data.channel_names``, else (``nnunet``, ``datalist``) those of the
+    dataset's JSON, else ``None`` (every channel follows ``data.modality``).
+
+    Example:
+        >>> channel_names(DataConfig(name="nnunet", root="Dataset005_Prostate"))
+        ('T2', 'ADC')
+    """
+    if cfg.channel_names is not None:
+        return tuple(str(n) for n in cfg.channel_names)
+    if cfg.name in ("nnunet", "datalist"):
+        return dataset_channel_names(cfg)
+    return None
+
+
+def dataset_channel_names(cfg: DataConfig) -> tuple[str, ...] | None:
+    """``channel_names`` (nnU-Net) or ``modality`` (MSD) of the dataset's JSON, in ``data.channels`` order; ``None``
+    when the file, the entry or a selected channel is missing (the layout reports a broken file itself).
+
+    Example:
+        >>> dataset_channel_names(DataConfig(name="nnunet", root="Dataset001_BraTS", channels=[3, 0]))
+        ('FLAIR', 'T1')
+    """
+    root = Path(cfg.root).expanduser()
+    if cfg.name == "nnunet" and not root.is_dir():
+        return None
+    path = root / "dataset.json" if root.is_dir() else root
+    try:
+        names = _json_channel_names(str(path), path.stat().st_mtime_ns)
+    except OSError:
+        return None
+    if names is None:
+        return None
+    order = sorted(names) if cfg.channels is None else list(cfg.channels)
+    return tuple(names[c] for c in order) if all(c in names for c in order) else None
+
+
+@functools.lru_cache(maxsize=16)
+def _json_channel_names(path: str, mtime: int) -> dict[int, str] | None:
+    try:
+        meta = json.loads(Path(path).read_text())
+        names = meta.get("channel_names") or meta.get("modality")
+        return {int(k): str(v) for k, v in names.items()} if isinstance(names, dict) and names else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def data_channels(cfg: DataConfig, names: tuple[str, ...]) -> int:
+    """Network input channels that channels ``names`` give: one per channel, one per CT window for a CT channel,
+    times the ``2k + 1`` slices of ``data.context_slices: k``.
+
+    Example:
+        >>> data_channels(DataConfig(ct_window=[[40, 400], [-600, 1500]]), ("CT", "T2"))
+        3
+    """
+    windows = len(cfg.ct_window) if cfg.ct_window and isinstance(cfg.ct_window[0], list) else 1
+    per_slice = sum(windows if channel_handling(n) == "ct" else 1 for n in names)
+    return per_slice * (2 * getattr(cfg, "context_slices", 0) + 1)
+
+
+def check_in_channels(cfg: DataConfig, source: str | Path) -> None:
+    """Raise when the named channels (:func:`channel_names`) give more than one channel per slice and
+    ``data.in_channels`` is not their count (a single channel is replicated); ``source`` names the dataset file.
+
+    Raises:
+        DataError: e.g. ``dataset.json: gives 2 input channels (T2, ADC) but data.in_channels is 3; set
+            data.in_channels=2``.
+
+    Example:
+        >>> check_in_channels(DataConfig(name="nnunet", root="Dataset005_Prostate", in_channels=2), "dataset.json")
+    """
+    names = channel_names(cfg)
+    if names is None:
+        return
+    count = data_channels(cfg, names)
+    per_slice = count // (2 * getattr(cfg, "context_slices", 0) + 1)
+    if per_slice > 1 and cfg.in_channels != count:
+        raise DataError(
+            source,
+            f"gives {count} input channels ({', '.join(names)}) but data.in_channels is {cfg.in_channels}; "
+            f"set data.in_channels={count}",
+        )
 
 
 class Layout:

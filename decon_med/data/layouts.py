@@ -14,7 +14,9 @@ Example:
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import re
 from pathlib import Path
 
 from decon_med.config import DataConfig
@@ -189,12 +191,25 @@ class LabeledFolder(Layout):
 
 
 # -- unlabelled folder tree ---------------------------------------------------------------------------------------
+#: Folder names (lower case) that hold label maps, never scans.
+LABEL_FOLDER = re.compile(
+    r"(labels?(tr|ts|va|val)?|masks?|segmentations?|seg|gt|annotations?)|.*ground_?truth.*"
+)
+#: File stems (lower case) of label maps.
+LABEL_FILE = re.compile(r".*[_-](seg|dseg|segmentation|mask|masks|label|labels|gt)")
+
+
 class UnlabeledFolder(Layout):
     """Any folder tree of 2D images and/or NIfTI volumes, for pre-training; no masks anywhere.
 
     Every file is one item (a volume: one per kept slice); ids are the path relative to the root without suffix,
     so scans with the same file name in different patient folders stay distinct. Only the ``train`` split has
     items.
+
+    A tree holding label maps is refused, so that they are never pre-trained on as scans: a folder named like
+    ``labelsTr``, ``masks``, ``segmentations`` or ``*GroundTruth``, a file named ``*_seg`` / ``*_mask`` /
+    ``*_label``, or a volume whose voxels hold only a few integer values. ``data.include`` (globs of the scans,
+    relative to the root) reads only the matching files and turns these checks off.
     """
 
     name = "unlabeled"
@@ -206,13 +221,57 @@ class UnlabeledFolder(Layout):
         if split != "train":
             return []
         files = _files(self.root)
+        include = self.cfg.include
+        if include is not None:
+            files = [p for p in files if _included(p.relative_to(self.root).as_posix(), include)]
+            if not files:
+                raise DataError(self.root, f"no images or NIfTI volumes match data.include {list(include)}")
+        elif files:
+            self._refuse_label_maps(files)
         if not files:
             raise DataError(self.root, "no images or NIfTI volumes found below this folder")
         return [(p, None) for p in files]
 
+    def items(self, split: str = "train", labeled: bool = True) -> list[dict]:
+        found = super().items(split, labeled)
+        labels = self.stats.get(split, {}).get("label_values") or {}
+        if labels and self.cfg.include is None:
+            path = min(labels)
+            raise DataError(
+                path,
+                f"holds only the integer values {labels[path]}: a label map, not a scan; {self._hint()}",
+            )
+        return found
+
+    def _refuse_label_maps(self, files: list[Path]) -> None:
+        for path in files:
+            rel = path.relative_to(self.root)
+            folder = next((part for part in rel.parts[:-1] if LABEL_FOLDER.fullmatch(part.lower())), None)
+            if folder is not None:
+                where = self.root / Path(*rel.parts[: rel.parts.index(folder) + 1])
+                raise DataError(
+                    where, f"holds label maps (folder name '{folder}'), not scans; {self._hint()}"
+                )
+            if LABEL_FILE.fullmatch(file_stem(path).lower()):
+                raise DataError(path, f"is named as a label map, not a scan; {self._hint()}")
+
+    def _hint(self) -> str:
+        nnunet = (self.root / "dataset.json").is_file() and (self.root / "imagesTr").is_dir()
+        also = "use data.name=nnunet for this nnU-Net dataset (imagesTr and imagesTs), " if nnunet else ""
+        return (
+            f"pre-training reads scans only: {also}point data.root at the scans folder, or list the scans with "
+            "data.include (globs relative to data.root, e.g. data.include=[imagesTr/*])"
+        )
+
     def _item_id(self, image: Path) -> str:
         rel = image.relative_to(self.root)
         return str(rel.parent / file_stem(rel)) if rel.parent != Path(".") else file_stem(rel)
+
+
+def _included(relative: str, globs: list[str]) -> bool:
+    """``relative`` (a posix path below the root) matches one of ``globs``, as a whole or by its file name."""
+    name = relative.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(relative, g.strip("/")) or fnmatch.fnmatchcase(name, g) for g in globs)
 
 
 LAYOUTS: dict[str, type[Layout]] = {

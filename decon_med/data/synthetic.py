@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -640,6 +640,8 @@ def make_nnunet(
     n_test: int = 2,
     *,
     overwrite: bool = False,
+    channel_names: Sequence[str] | None = None,
+    test_labels: bool = True,
 ) -> dict[str, int]:
     """Write a small labelled nnU-Net raw dataset of MR-like volumes (with a datalist JSON beside it).
 
@@ -653,18 +655,22 @@ def make_nnunet(
         out: the ``DatasetXXX_Name`` folder (created if missing).
         n: training cases.
         seed: random seed; the same seed gives byte-identical files.
-        channels: channel files per case.
-        n_test: labelled test cases.
+        channels: channel files per case (named ``MR0``, ``MR1``, ... in ``channel_names``).
+        n_test: test cases.
         overwrite: replace a non-empty ``out`` instead of raising :class:`FileExistsError`.
+        channel_names: the ``channel_names`` of ``dataset.json`` instead (their number of channels); a ``CT``
+            channel holds the volume in HU (air -1000 around a body of 20..95 HU), other channels as above.
+        test_labels: write ``labelsTs/`` (``False``: ``imagesTs/`` unlabelled).
 
     Returns:
         ``{"train": n, "test": n_test}``.
 
     Example:
-        >>> make_nnunet("nnUNet_raw/Dataset001_Organ", n=4, channels=2)
+        >>> make_nnunet("nnUNet_raw/Dataset001_Organ", n=4, channel_names=["CT", "T2"])
         {'train': 4, 'test': 2}
     """
     _check_n(n)
+    names = [f"MR{c}" for c in range(channels)] if channel_names is None else [str(c) for c in channel_names]
     root = _prepare_out(out, overwrite)
     rng = np.random.default_rng(seed)
     affine = np.diag([-0.9, -0.9, 2.0, 1.0])
@@ -675,15 +681,18 @@ def make_nnunet(
             case = f"case_{i:03d}" if folder == "Tr" else f"test_{i:03d}"
             volume, mask = _organ_volume(rng)
             images = []
-            for c in range(channels):
+            for c, name in enumerate(names):
                 rel = f"images{folder}/{case}_{c:04d}.nii.gz"
-                _save_nifti(volume * (1 + c), affine, root / rel, np.float32)
+                values = _ct_in_hu(volume) if name.upper() == "CT" else volume * (1 + c)
+                _save_nifti(values, affine, root / rel, np.float32)
                 images.append(rel)
-            label = f"labels{folder}/{case}.nii.gz"
-            _save_nifti(mask, affine, root / label, np.uint8)
-            datalist[split].append({"image": images if channels > 1 else images[0], "label": label})
+            entry: dict[str, Any] = {"image": images if len(names) > 1 else images[0]}
+            if folder == "Tr" or test_labels:
+                entry["label"] = f"labels{folder}/{case}.nii.gz"
+                _save_nifti(mask, affine, root / entry["label"], np.uint8)
+            datalist[split].append(entry)
     meta = {
-        "channel_names": {str(c): f"MR{c}" for c in range(channels)},
+        "channel_names": {str(c): name for c, name in enumerate(names)},
         "labels": {"background": 0, "organ": 1, "lesion": 2},
         "numTraining": n,
         "file_ending": ".nii.gz",
@@ -692,6 +701,14 @@ def make_nnunet(
     msd = {"labels": {"0": "background", "1": "organ", "2": "lesion"}, **datalist}
     atomic_write(root / "datalist.json", json.dumps(msd, indent=1) + "\n")
     return {"train": n, "test": n_test}
+
+
+def _ct_in_hu(volume: np.ndarray) -> np.ndarray:
+    """An organ volume (background 100, organ 400, lesion 250) as CT in HU: body 20..95 HU inside an elliptic
+    cylinder, air (-1000) outside it."""
+    x, y = np.mgrid[0 : volume.shape[0], 0 : volume.shape[1]].astype(np.float32)
+    body = ((x - 23.5) / 22.0) ** 2 + ((y - 23.5) / 21.0) ** 2 < 1
+    return np.where(body[..., None], (volume - 100.0) * 0.25 + 20.0, -1000.0).astype(np.float32)
 
 
 # -- dispatch --------------------------------------------------------------------------------------------------

@@ -12,6 +12,14 @@ Intensity images: a sample may carry ``"modality"`` (set per file for NIfTI slic
 sample always gets the intensity augmentations, never RGB colour jitter, hue or solarisation, whatever the
 configured modality. The key is consumed (not passed on).
 
+2.5D stacks: with ``slices`` > 1 an image holds that many neighbouring slices of ``in_channels / slices`` channels
+each, stacked along the channel axis. Each slice is normalised with the statistics of a single slice, and all of
+them get the same geometric and photometric augmentation (the same random draws, applied slice by slice).
+
+Patch sampling (``patch=True``, ``data.sampling: patch``): images arrive at physical scale and are never resized
+as a whole; training takes random ``size x size`` patches (:class:`SegPatchTransform`, pre-training views are cut
+from such a patch), an image smaller than a patch is padded evenly with intensity 0 and label 0.
+
 Geometry is done here with numpy / OpenCV so that crop boxes are exact. Pixel convention: pixel ``j`` covers
 ``[j, j + 1)``; a crop ``(x0, y0, w, h)`` covers ``[x0, x0 + w) x [y0, y0 + h)`` and is resized with OpenCV's
 half-pixel-centre sampling, so crop coordinate ``x`` lands at ``(x - x0) / w`` of the output side.
@@ -41,22 +49,37 @@ GRAY_STD = (0.226,)
 Crop = tuple[int, int, int, int]
 
 
-def default_normalisation(in_channels: int, modality: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def default_normalisation(
+    in_channels: int, modality: str, slices: int = 1
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean and std used to normalise network inputs.
 
     Three channels (RGB, or greyscale replicated) use the ImageNet statistics, as ImageNet-style encoders
     expect. One channel uses the channel average of those statistics, ``(0.449,)`` / ``(0.226,)``, so that an
-    encoder whose first convolution was summed over RGB sees inputs on the same scale. The modality does not
-    change the statistics (images arrive already scaled to [0, 1]); it is only validated.
+    encoder whose first convolution was summed over RGB sees inputs on the same scale; any other number of
+    channels (nnU-Net channel files: CT + T2, T1 / T1ce / T2 / FLAIR) uses that average per channel. The
+    modality does not change the statistics (images arrive already scaled to [0, 1]); it is only validated. A 2.5D
+    stack of ``slices`` slices repeats the statistics of one slice (``in_channels / slices`` channels) for each
+    slice.
 
     Example:
         >>> default_normalisation(1, "ct")
         ((0.449,), (0.226,))
+        >>> default_normalisation(3, "mr", slices=3)      # 3 neighbouring 1-channel slices
+        ((0.449, 0.449, 0.449), (0.226, 0.226, 0.226))
     """
-    _check_modality(modality, in_channels)
-    if in_channels == 3:
-        return IMAGENET_MEAN, IMAGENET_STD
-    return GRAY_MEAN, GRAY_STD
+    per_slice = _slice_channels(in_channels, slices)
+    _check_modality(modality, per_slice)
+    if per_slice == 3:
+        return IMAGENET_MEAN * slices, IMAGENET_STD * slices
+    return GRAY_MEAN * slices * per_slice, GRAY_STD * slices * per_slice
+
+
+def _slice_channels(in_channels: int, slices: int) -> int:
+    """Channels of one slice of a stack of ``slices`` slices."""
+    if slices < 1 or in_channels % slices:
+        raise ValueError(f"in_channels {in_channels} is not a multiple of the {slices} stacked slices")
+    return in_channels // slices
 
 
 def augmentation_modality(modality) -> str:
@@ -72,15 +95,16 @@ def augmentation_modality(modality) -> str:
 
 
 def _is_colour(modality: str, in_channels: int, sample_modality: str | None) -> bool:
-    """RGB photometric augmentation only for 3-channel rgb data whose sample is not an intensity image."""
-    return modality == "rgb" and in_channels == 3 and sample_modality not in INTENSITY_MODALITIES
+    """RGB photometric augmentation only for 3-channel rgb data whose sample is an rgb image (a volume's sample
+    says ``ct``, ``mr``, ``gray`` or, for channels handled differently, e.g. ``ct+mr``: never colour)."""
+    return modality == "rgb" and in_channels == 3 and sample_modality in (None, "rgb")
 
 
 def _check_modality(modality: str, in_channels: int) -> None:
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality '{modality}'; expected one of {', '.join(MODALITIES)}")
-    if in_channels not in (1, 3):
-        raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
 
 
 def _check_crop_scale(crop_scale: Sequence[float]) -> None:
@@ -89,9 +113,13 @@ def _check_crop_scale(crop_scale: Sequence[float]) -> None:
 
 
 def _resolve_normalisation(
-    in_channels: int, modality: str, mean: Sequence[float] | None, std: Sequence[float] | None
+    in_channels: int,
+    modality: str,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    slices: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    default_mean, default_std = default_normalisation(in_channels, modality)
+    default_mean, default_std = default_normalisation(in_channels, modality, slices)
     mean = default_mean if mean is None else tuple(mean)
     std = default_std if std is None else tuple(std)
     if len(mean) != in_channels or len(std) != in_channels:
@@ -205,6 +233,57 @@ def _resize_label(label: np.ndarray, crop: Crop, size: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Patches at physical scale
+# --------------------------------------------------------------------------------------------------------------
+
+#: Fine-tuning patches centred on a foreground pixel (nnU-Net's oversampling: a third of the patches).
+FOREGROUND_FRACTION = 1 / 3
+
+
+def pad_to(array: np.ndarray, size: int, value: float = 0) -> np.ndarray:
+    """``array`` (HW or HWC) padded evenly on both sides with ``value`` to at least ``size x size``.
+
+    Example:
+        >>> pad_to(np.ones((40, 70)), 64).shape
+        (64, 70)
+    """
+    height, width = array.shape[:2]
+    extra_h, extra_w = max(size - height, 0), max(size - width, 0)
+    if not extra_h and not extra_w:
+        return array
+    pad = [(extra_h // 2, extra_h - extra_h // 2), (extra_w // 2, extra_w - extra_w // 2)]
+    pad += [(0, 0)] * (array.ndim - 2)
+    return np.pad(array, pad, mode="constant", constant_values=value)
+
+
+def _patch_origin(
+    rng: np.random.Generator, height: int, width: int, size: int, label: np.ndarray | None, foreground: float
+) -> tuple[int, int]:
+    """Top-left ``(y0, x0)`` of a ``size x size`` patch inside ``height x width`` (both >= ``size``).
+
+    With probability ``foreground`` and a label holding foreground, the patch is centred (as far as the borders
+    allow) on a random pixel of a random foreground class present; otherwise its position is uniform.
+    """
+    if label is not None and foreground > 0 and rng.random() < foreground:
+        classes = np.unique(label)
+        classes = classes[classes > 0]
+        if classes.size:
+            ys, xs = np.nonzero(label == classes[int(rng.integers(classes.size))])
+            pick = int(rng.integers(ys.size))
+            y0 = min(max(int(ys[pick]) - size // 2, 0), height - size)
+            x0 = min(max(int(xs[pick]) - size // 2, 0), width - size)
+            return y0, x0
+    return int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+
+
+def _centre_patch(array: np.ndarray, size: int, value: float = 0) -> np.ndarray:
+    """The centred ``size x size`` patch of ``array``, padded with ``value`` where it is smaller."""
+    array = pad_to(array, size, value)
+    y0, x0 = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return np.ascontiguousarray(array[y0 : y0 + size, x0 : x0 + size])
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Arrays and tensors
 # --------------------------------------------------------------------------------------------------------------
 
@@ -214,6 +293,8 @@ def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     image = np.asarray(image, dtype=np.float32)
     if image.ndim == 2:
         image = image[:, :, None]
+    if image.ndim == 3 and image.shape[2] == channels:  # also a 2.5D stack of any number of channels
+        return image
     if image.ndim != 3 or image.shape[2] not in (1, 3):
         raise ValueError(f"expected an (H, W, C) image with C in (1, 3), got shape {image.shape}")
     if image.shape[2] == channels:
@@ -234,17 +315,35 @@ def _label(data: dict) -> np.ndarray | None:
     return None if label is None else np.asarray(label)
 
 
-def _run_seeded(pipeline: A.Compose, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _run_seeded(
+    pipeline: A.Compose, image: np.ndarray, rng: np.random.Generator, slices: int = 1
+) -> np.ndarray:
     """Apply an albumentations pipeline with every transform seeded from ``rng``.
 
     Each transform gets its own seed: seeding only the ``Compose`` would give all of them the same stream, so
-    their apply-or-not draws would be correlated.
+    their apply-or-not draws would be correlated. A stack of ``slices`` slices is augmented slice by slice with
+    the same seeds, so every slice gets the same random parameters; an image (or slice) of other than 1 or 3
+    channels likewise channel by channel.
     """
     seeds = rng.integers(0, 2**32, size=len(pipeline.transforms) + 1)
-    pipeline.set_random_seed(int(seeds[0]))
-    for transform, seed in zip(pipeline.transforms, seeds[1:], strict=True):
-        transform.set_random_seed(int(seed))
-    return np.clip(pipeline(image=image)["image"], 0.0, 1.0).astype(np.float32, copy=False)
+
+    def run(part: np.ndarray) -> np.ndarray:
+        if part.shape[2] not in (1, 3):  # the jitter takes 1 or 3 channels: one at a time, same seeds
+            channels = [run(np.ascontiguousarray(part[:, :, c : c + 1])) for c in range(part.shape[2])]
+            return np.concatenate(channels, axis=2)
+        pipeline.set_random_seed(int(seeds[0]))
+        for transform, seed in zip(pipeline.transforms, seeds[1:], strict=True):
+            transform.set_random_seed(int(seed))
+        out = pipeline(image=part)["image"]
+        return out[:, :, None] if out.ndim == 2 else out
+
+    if slices > 1:
+        step = image.shape[2] // slices
+        parts = [run(np.ascontiguousarray(image[:, :, i : i + step])) for i in range(0, image.shape[2], step)]
+        out = np.concatenate(parts, axis=2)
+    else:
+        out = run(image)
+    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
 
 
 class _RandomTransform:
@@ -361,13 +460,16 @@ class TwoViewTransform(_RandomTransform):
         max_tries: re-samplings of crop 2 before falling back to crop 1.
         hflip: probability of flipping each view horizontally.
         modality: ``rgb``, ``gray``, ``mr`` or ``ct``; selects the photometric augmentation.
-        in_channels: channels of the output (1, or 3 with greyscale replicated).
+        in_channels: channels of the output (those of the image, or 3 with greyscale replicated).
         color: enable the photometric augmentation.
         recipe: ``byol`` (asymmetric views, SlotCon) or ``mocov2`` (symmetric views, DenseCL).
         blur_sigma: Gaussian blur sigma range in pixels of the output view; ``None`` = :func:`blur_sigma_for`
             ``(size)``, the recipes' (0.1, 2.0) px at 224 px scaled to ``size``.
         mean, std: normalisation; default :func:`default_normalisation`.
         seed: seed of the internal generator, used when a sample has no ``"seed"``.
+        slices: slices stacked in the image (2.5D: ``2 * data.context_slices + 1``), augmented alike.
+        patch: physical scale (``data.sampling: patch``): a random ``size x size`` patch of the image (padded
+            with 0 where smaller) is taken first, and both views are cropped from that patch.
 
     Example:
         >>> t = TwoViewTransform(224, modality="rgb", in_channels=3)
@@ -392,10 +494,13 @@ class TwoViewTransform(_RandomTransform):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         seed: int | None = None,
+        slices: int = 1,
+        patch: bool = False,
     ):
         super().__init__(seed)
-        self.mean, self.std = _resolve_normalisation(in_channels, modality, mean, std)
+        self.mean, self.std = _resolve_normalisation(in_channels, modality, mean, std, slices)
         _check_crop_scale(crop_scale)
+        self.slices, self.patch = slices, patch
         self.blur_sigma = blur_sigma_for(size) if blur_sigma is None else tuple(blur_sigma)
         if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
             raise ValueError(f"blur_sigma must satisfy 0 < low <= high, got {self.blur_sigma}")
@@ -415,9 +520,7 @@ class TwoViewTransform(_RandomTransform):
         self.recipe = recipe
         self._pipelines = (
             {
-                colour: tuple(
-                    _pretrain_photometric(colour, view, recipe, self.blur_sigma) for view in (1, 2)
-                )
+                colour: tuple(_pretrain_photometric(colour, view, recipe, self.blur_sigma) for view in (1, 2))
                 for colour in (False, True)
             }
             if color
@@ -427,6 +530,10 @@ class TwoViewTransform(_RandomTransform):
     def __call__(self, data: dict) -> dict:
         rng = self._rng_for(data)
         image = _to_channels(data["image"], self.in_channels)
+        if self.patch:
+            image = pad_to(image, self.size)
+            y0, x0 = _patch_origin(rng, image.shape[0], image.shape[1], self.size, None, 0.0)
+            image = image[y0 : y0 + self.size, x0 : x0 + self.size]
         height, width = image.shape[:2]
         crops = _sample_two_crops(
             rng, height, width, self.crop_scale, self.ratio, self.min_overlap, self.max_tries
@@ -434,7 +541,7 @@ class TwoViewTransform(_RandomTransform):
         flips = rng.random(2) < self.hflip
         inter = _intersection(*crops)
 
-        colour = _is_colour(self.modality, self.in_channels, data.get("modality"))
+        colour = _is_colour(self.modality, self.in_channels // self.slices, data.get("modality"))
         photometric = None if self._pipelines is None else self._pipelines[colour]
         out = {key: value for key, value in data.items() if key not in ("image", "label", "modality")}
         for k, (crop, flip) in enumerate(zip(crops, flips, strict=True), start=1):
@@ -442,7 +549,7 @@ class TwoViewTransform(_RandomTransform):
             if flip:
                 view = view[:, ::-1]
             if photometric is not None:
-                view = _run_seeded(photometric[k - 1], np.ascontiguousarray(view), rng)
+                view = _run_seeded(photometric[k - 1], np.ascontiguousarray(view), rng, self.slices)
             out[f"view{k}"] = _to_tensor(view, self.mean, self.std)
             out[f"box{k}"] = _overlap_box(crop, inter)
             out[f"flip{k}"] = torch.tensor(bool(flip))
@@ -462,9 +569,10 @@ class SegTrainTransform(_RandomTransform):
         crop_scale: range of the crop area as a fraction of the image area.
         hflip, vflip: flip probabilities.
         modality: ``rgb``, ``gray``, ``mr`` or ``ct``.
-        in_channels: channels of the output (1, or 3 with greyscale replicated).
+        in_channels: channels of the output (those of the image, or 3 with greyscale replicated).
         mean, std: normalisation; default :func:`default_normalisation`.
         seed: seed of the internal generator, used when a sample has no ``"seed"``.
+        slices: slices stacked in the image (2.5D: ``2 * data.context_slices + 1``), augmented alike.
 
     Example:
         >>> t = SegTrainTransform(224, modality="rgb")
@@ -486,10 +594,12 @@ class SegTrainTransform(_RandomTransform):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         seed: int | None = None,
+        slices: int = 1,
     ):
         super().__init__(seed)
-        self.mean, self.std = _resolve_normalisation(in_channels, modality, mean, std)
+        self.mean, self.std = _resolve_normalisation(in_channels, modality, mean, std, slices)
         _check_crop_scale(crop_scale)
+        self.slices = slices
         self.size = size
         self.crop_scale = tuple(crop_scale)
         self.hflip = hflip
@@ -514,14 +624,93 @@ class SegTrainTransform(_RandomTransform):
         if do_vflip:
             image = image[::-1]
             label = None if label is None else label[::-1]
-        colour = _is_colour(self.modality, self.in_channels, data.get("modality"))
-        image = _run_seeded(self._pipelines[colour], np.ascontiguousarray(image), rng)
+        return self._finish(data, image, label, rng)
+
+    def _finish(
+        self, data: dict, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator
+    ) -> dict:
+        """Photometric jitter, normalisation and the output dict of an augmented image and label."""
+        colour = _is_colour(self.modality, self.in_channels // self.slices, data.get("modality"))
+        image = _run_seeded(self._pipelines[colour], np.ascontiguousarray(image), rng, self.slices)
 
         out = {key: value for key, value in data.items() if key not in ("label", "modality")}
         out["image"] = _to_tensor(image, self.mean, self.std)
         if label is not None:
             out["label"] = torch.from_numpy(np.ascontiguousarray(label))
         return out
+
+
+class SegPatchTransform(SegTrainTransform):
+    """Fine-tuning on random patches at the image's own scale (``data.sampling: patch``): nothing is resized.
+
+    The image and its mask are padded evenly (intensity 0, label 0) to at least ``size x size``; a
+    ``size x size`` patch is taken, centred on a random pixel of a random foreground class present with
+    probability ``foreground`` (:data:`FOREGROUND_FRACTION`, as nnU-Net oversamples foreground), elsewhere at a
+    uniform position; then the flips and the intensity jitter of :class:`SegTrainTransform`.
+
+    Args:
+        size: patch side in pixels.
+        foreground: probability of a patch centred on foreground (when the mask has any).
+        hflip, vflip, modality, in_channels, mean, std, seed, slices: as :class:`SegTrainTransform`.
+        color: intensity jitter on (off gives the patch's pixels unchanged but for normalisation and flips).
+
+    Example:
+        >>> t = SegPatchTransform(64, modality="mr", in_channels=1)
+        >>> out = t({"image": slice_hw1, "label": mask, "id": "a", "seed": 3})     # any slice size
+        >>> out["image"].shape, out["label"].shape
+        (torch.Size([1, 64, 64]), torch.Size([64, 64]))
+    """
+
+    def __init__(
+        self,
+        size: int,
+        foreground: float = FOREGROUND_FRACTION,
+        hflip: float = 0.5,
+        vflip: float = 0.0,
+        modality: str = "rgb",
+        in_channels: int = 3,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        seed: int | None = None,
+        slices: int = 1,
+        color: bool = True,
+    ):
+        super().__init__(
+            size,
+            hflip=hflip,
+            vflip=vflip,
+            modality=modality,
+            in_channels=in_channels,
+            mean=mean,
+            std=std,
+            seed=seed,
+            slices=slices,
+        )
+        if not 0.0 <= foreground <= 1.0:
+            raise ValueError(f"foreground must be a probability in [0, 1], got {foreground}")
+        self.foreground = foreground
+        if not color:
+            self._pipelines = {colour: A.Compose([]) for colour in (False, True)}
+
+    def __call__(self, data: dict) -> dict:
+        rng = self._rng_for(data)
+        image = pad_to(_to_channels(data["image"], self.in_channels), self.size)
+        label = _label(data)
+        if label is not None:
+            label = pad_to(label, self.size)
+        y0, x0 = _patch_origin(rng, image.shape[0], image.shape[1], self.size, label, self.foreground)
+        do_hflip, do_vflip = rng.random() < self.hflip, rng.random() < self.vflip
+
+        image = image[y0 : y0 + self.size, x0 : x0 + self.size]
+        if label is not None:
+            label = label[y0 : y0 + self.size, x0 : x0 + self.size].astype(np.int64)
+        if do_hflip:
+            image = image[:, ::-1]
+            label = None if label is None else label[:, ::-1]
+        if do_vflip:
+            image = image[::-1]
+            label = None if label is None else label[::-1]
+        return self._finish(data, image, label, rng)
 
 
 class SegEvalTransform:
@@ -532,12 +721,19 @@ class SegEvalTransform:
     ``label`` is left out. With ``full_label`` the mask is also kept at its original size as ``label_full``, for
     scoring predictions at the original resolution (as mmseg does).
 
+    With ``patch`` (``data.sampling: patch``) nothing is resized: ``image`` and ``label`` are the centred
+    ``size x size`` patch (padded with 0 where the image is smaller), for anything that batches fixed-size inputs,
+    and with ``full_label`` the whole normalised image is also kept as ``image_full``, for sliding-window
+    inference at native resolution.
+
     Args:
         size: output side in pixels.
         modality: ``rgb``, ``gray``, ``mr`` or ``ct``.
-        in_channels: channels of the output (1, or 3 with greyscale replicated).
+        in_channels: channels of the output (those of the image, or 3 with greyscale replicated).
         mean, std: normalisation; default :func:`default_normalisation`.
         full_label: also return the mask at its original size as ``label_full``.
+        slices: slices stacked in the image (2.5D: ``2 * data.context_slices + 1``).
+        patch: physical-scale mode (see above).
 
     Example:
         >>> out = SegEvalTransform(224)({"image": image, "label": mask, "id": "a"})
@@ -553,8 +749,11 @@ class SegEvalTransform:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         full_label: bool = False,
+        slices: int = 1,
+        patch: bool = False,
     ):
-        self.mean, self.std = _resolve_normalisation(in_channels, modality, mean, std)
+        self.mean, self.std = _resolve_normalisation(in_channels, modality, mean, std, slices)
+        self.slices, self.patch = slices, patch
         self.size = size
         self.modality = modality
         self.in_channels = in_channels
@@ -567,10 +766,23 @@ class SegEvalTransform:
         label = _label(data)
 
         out = {key: value for key, value in data.items() if key not in ("label", "modality")}
-        out["image"] = _to_tensor(_resize_image(image, whole, self.size), self.mean, self.std)
+        if self.patch:
+            out["image"] = _to_tensor(_centre_patch(image, self.size), self.mean, self.std)
+            if self.full_label:
+                out["image_full"] = _to_tensor(image, self.mean, self.std)
+        else:
+            out["image"] = _to_tensor(_resize_image(image, whole, self.size), self.mean, self.std)
         if label is not None:
-            out["label"] = torch.from_numpy(_resize_label(label, whole, self.size))
+            if self.patch:
+                out["label"] = torch.from_numpy(_centre_patch(label.astype(np.int64), self.size))
+            else:
+                out["label"] = torch.from_numpy(_resize_label(label, whole, self.size))
             if self.full_label:
                 out["label_full"] = torch.from_numpy(label.astype(np.int64))
         out["orig_size"] = (int(height), int(width))
         return out
+
+    @property
+    def fill(self) -> tuple[float, ...]:
+        """Per channel, the normalised value of intensity 0: what patch training pads with."""
+        return tuple(float(v) for v in -self.mean / self.std)

@@ -48,7 +48,13 @@ import numpy as np
 
 from decon_med.data.geometry import ORIENTATIONS, Geometry, plane_size, resample_plane, to_canonical
 from decon_med.data.geometry import from_canonical as _from_canonical
-from decon_med.data.intensity import MR_NORMALISATIONS, channel_ranges, contradiction, resolve_modality
+from decon_med.data.intensity import (
+    CHANNEL_HANDLINGS,
+    MR_NORMALISATIONS,
+    channel_ranges,
+    contradiction,
+    resolve_modality,
+)
 from decon_med.data.volume_cache import VolumeCache, cache_key
 from decon_med.errors import DataError
 from decon_med.folders import record_written
@@ -75,6 +81,7 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "SliceOptions",
     "VolumeSlices",
+    "channel_stack",
     "intensity_range",
     "is_nifti",
     "kept_slices",
@@ -85,6 +92,7 @@ __all__ = [
     "normalise_intensity",
     "read_volume",
     "scan_volume",
+    "slice_count",
     "stack_slices",
     "volume_slices",
     "write_volume",
@@ -155,6 +163,9 @@ class SliceOptions:
         cache_gb: bound on the cache's size in GB; decoded volumes are stored there once and read back memory-mapped,
             and slice indexes are reused across runs (see :mod:`decon_med.data.volume_cache`). ``0`` (default)
             disables it: each process keeps :data:`VOLUME_CACHE_SIZE` decoded volumes in memory.
+        channel_modalities: intensity handling of each image channel, in order (one of
+            :data:`~decon_med.data.intensity.CHANNEL_HANDLINGS`, from the channel names by
+            :func:`~decon_med.data.intensity.channel_handling`); ``None``: every channel follows ``modality``.
 
     Example:
         >>> SliceOptions(axis=0, modality="ct", ct_window=((40.0, 400.0), (-600.0, 1500.0)), channels=2)
@@ -175,6 +186,7 @@ class SliceOptions:
     affine_tolerance: float = 1e-3
     cache_dir: str | None = None
     cache_gb: float = 0.0
+    channel_modalities: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.axis not in (0, 1, 2):
@@ -204,6 +216,9 @@ class SliceOptions:
             raise ValueError(f"spacing must be >= 0, got {self.spacing}")
         if self.cache_gb < 0:
             raise ValueError(f"cache_gb must be >= 0, got {self.cache_gb}")
+        unknown = [m for m in self.channel_modalities or () if m not in CHANNEL_HANDLINGS]
+        if unknown or self.channel_modalities == ():
+            raise ValueError(f"channel_modalities must be non-empty, of {CHANNEL_HANDLINGS}, got {unknown}")
 
     @property
     def windows(self) -> tuple[Window, ...]:
@@ -529,6 +544,8 @@ def _file_ranges(
         spec = "auto"  # volumes are never photographs
     elif not isinstance(spec, str):
         spec = {k: ("auto" if v == "rgb" else v) for k, v in spec.items()}
+    if opts.channel_modalities is not None:
+        return _named_channel_ranges(path, canonical, opts, warnings)
     modality, how = resolve_modality(path, spec, opts.root, canonical)
     if not how.startswith("auto"):
         problem = contradiction(canonical, modality)
@@ -542,13 +559,68 @@ def _file_ranges(
     return modality, ranges
 
 
-def _normalised_slice(canonical: np.ndarray, axis: int, index: int, ranges: Sequence) -> np.ndarray:
-    """``(H, W, len(ranges))`` float32 in [0, 1] of one canonical slice (channel ``j`` uses ``ranges[j]``)."""
+def _named_channel_ranges(
+    path: str, canonical: np.ndarray, opts: SliceOptions, warnings: list[str] | None
+) -> tuple[str, list[tuple[float, float]]]:
+    """``_file_ranges`` with one handling per image channel (``opts.channel_modalities``); the modality is the
+    channels' kinds joined, e.g. ``ct+mr``."""
+    handlings = opts.channel_modalities
+    if len(handlings) != canonical.shape[3]:
+        raise DataError(
+            path,
+            f"gives {canonical.shape[3]} image channel(s) but {len(handlings)} channel names are set "
+            "(dataset.json channel_names or data.channel_names)",
+        )
+    ranges, kinds = [], []
+    for c, handling in enumerate(handlings):
+        ranges.extend(_ranges(canonical[..., c], handling, opts))
+        kinds.append(handling if handling in ("ct", "rgb") else "mr")
+        problem = contradiction(canonical[..., c], kinds[-1]) if handling in ("ct", "mr") else None
+        if problem is not None:
+            line = f"{path}: channel {c}: {problem}"
+            log.warning("warning: %s", line)
+            if warnings is not None:
+                warnings.append(line)
+    return "+".join(dict.fromkeys(kinds)), ranges
+
+
+def _range_sources(n_channels: int, n_ranges: int, opts: SliceOptions) -> list[int]:
+    """The image channel each range (output channel) reads: CT channels give one output per window."""
+    if opts.channel_modalities is None or len(opts.channel_modalities) != n_channels:
+        per_channel = max(1, n_ranges // n_channels)
+        return [j // per_channel for j in range(n_ranges)]
+    windows = len(opts.windows)
+    return [c for c, h in enumerate(opts.channel_modalities) for _ in range(windows if h == "ct" else 1)]
+
+
+def channel_stack(
+    canonical: np.ndarray, axis: int, index: int, ranges: Sequence, opts: SliceOptions
+) -> np.ndarray:
+    """The normalised channels of one slice: ``(H, W, len(ranges))`` float32 in [0, 1], before resampling.
+
+    Every image channel (channel file, or selected volume of a 4D image) in order, each giving one output channel
+    per CT window for a CT channel and one otherwise, each mapped with its own range (:func:`scan_volume`'s
+    ``"range"``). This is the per-slice input of the network; a stack of neighbouring slices repeats it per slice.
+
+    Example:
+        >>> canonical, geometry = _image(["case_0000.nii.gz", "case_0001.nii.gz"], opts)
+        >>> channel_stack(canonical, 2, 5, item["range"], opts).shape     # CT (one window) + T2
+        (48, 48, 2)
+    """
+    sources = _range_sources(canonical.shape[3], len(ranges), opts)
+    return _normalised_slice(canonical, axis, index, ranges, sources)
+
+
+def _normalised_slice(
+    canonical: np.ndarray, axis: int, index: int, ranges: Sequence, sources: Sequence[int] | None = None
+) -> np.ndarray:
+    """``(H, W, len(ranges))`` float32 in [0, 1] of one canonical slice (channel ``j`` uses ``ranges[j]`` on image
+    channel ``sources[j]``; default: the same number of ranges per image channel)."""
     plane = _plane(canonical, axis, index)  # (H, W, C)
-    per_channel = len(ranges) // plane.shape[2]
-    channels = [
-        _rescale(plane[:, :, j // per_channel], float(lo), float(hi)) for j, (lo, hi) in enumerate(ranges)
-    ]
+    if sources is None:
+        per_channel = len(ranges) // plane.shape[2]
+        sources = [j // per_channel for j in range(len(ranges))]
+    channels = [_rescale(plane[:, :, sources[j]], float(lo), float(hi)) for j, (lo, hi) in enumerate(ranges)]
     return np.stack(channels, axis=2)
 
 
@@ -614,7 +686,8 @@ def scan_volume(
         skip_empty: apply the empty-slice rule (``opts.min_foreground``); ``False`` keeps every slice, as for
             labelled evaluation data.
         stats: if given, updated with ``"skipped"`` (a Counter of slices skipped per rule), ``"modalities"``
-            (a Counter of the modality of each file) and ``"warnings"`` (one line per contradicting file).
+            (a Counter of the modality of each file), ``"warnings"`` (one line per contradicting file) and
+            ``"label_values"`` (``{file: values}`` of files holding only a few integers: label maps).
 
     Returns:
         One dict per kept slice: ``{"image": str(path), "slice": k, "axis": a, "id": "<prefix>_<x|y|z><k:03d>",
@@ -633,6 +706,8 @@ def scan_volume(
         stats.setdefault("skipped", Counter())[f"empty (foreground < {opts.min_foreground:g})"] += skipped
         stats.setdefault("modalities", Counter())[modality] += 1
         stats.setdefault("warnings", []).extend(scan["warnings"])
+        if scan.get("label_values") is not None:  # a few integers: a label map, not a scan
+            stats.setdefault("label_values", {})[paths[0]] = scan["label_values"]
     prefix = nifti_stem(paths[0]) if id_prefix is None else id_prefix
     base = {
         "image": paths[0],
@@ -683,10 +758,27 @@ def _scan_index(paths: list[str], opts: SliceOptions, skip_empty: bool) -> dict:
         "shape": [int(v) for v in geometry.shape],
         "size": [int(v) for v in _plane_size(geometry, axis, opts)],
         "warnings": warnings,
+        "label_values": _label_values(canonical),
     }
     if cache is not None:
         cache.store_json(key, scan)
     return scan
+
+
+#: A volume whose sampled voxels hold at most this many distinct integer values looks like a label map.
+LABEL_MAP_VALUES = 16
+
+
+def _label_values(canonical: np.ndarray) -> list[int] | None:
+    """The distinct values of the first channel when they are a few integers (a label map, not a scan), else
+    ``None``; decided on an evenly strided sample of about 200k voxels."""
+    volume = canonical[..., 0]
+    step = max(1, int(np.ceil((volume.size / 200_000) ** (1 / 3))))
+    sample = np.asarray(volume[::step, ::step, ::step]).reshape(-1)  # a strided view: no copy of the volume
+    if sample.size == 0 or not np.isfinite(sample).all() or np.any(sample != np.rint(sample)):
+        return None
+    values = np.unique(sample)
+    return [int(v) for v in values] if values.size <= LABEL_MAP_VALUES else None
 
 
 def _rule(opts: SliceOptions) -> dict:
@@ -738,9 +830,20 @@ def load_slice(item: dict, opts: SliceOptions) -> np.ndarray:
     else:
         ranges = _file_ranges(path, canonical, opts)[1]
     _take_slice(canonical, item["axis"], item["slice"], path)
-    image = _normalised_slice(canonical, item["axis"], item["slice"], ranges)
+    image = channel_stack(canonical, item["axis"], item["slice"], ranges, opts)
     size = item.get("size") or _plane_size(geometry, item["axis"], opts)
     return _to_channels(resample_plane(image, tuple(size)), opts.channels, path)
+
+
+def slice_count(item: dict, opts: SliceOptions) -> int:
+    """Number of slices along the item's axis in its volume (for 2.5D stacks of neighbouring slices).
+
+    Example:
+        >>> slice_count(items[0], opts)     # a 48 x 48 x 12 volume cut along axis 2
+        12
+    """
+    _, geometry = _image(_item_paths(item), opts)
+    return int(geometry.canonical_shape[item["axis"]])
 
 
 def load_label_slice(item: dict, opts: SliceOptions, path: str | os.PathLike | None = None) -> np.ndarray:
@@ -824,7 +927,7 @@ def volume_slices(path: str | os.PathLike | Sequence[str], opts: SliceOptions) -
     size = _plane_size(geometry, axis, opts)
     images = [
         _to_channels(
-            resample_plane(_normalised_slice(canonical, axis, k, ranges), size), opts.channels, paths[0]
+            resample_plane(channel_stack(canonical, axis, k, ranges, opts), size), opts.channels, paths[0]
         )
         for k in range(geometry.canonical_shape[axis])
     ]

@@ -5,14 +5,19 @@ included) and, as in mmseg, are computed at each image's original resolution: th
 network input (:class:`~decon_med.data.transforms.SegEvalTransform`), the logits are resized back bilinearly to
 the original size, and the arg-max is compared with the original mask. Validation during fine-tuning uses the
 same function, so ``evaluate`` on a finished run reproduces its ``results.json``. Saved predictions are these
-original-size arg-max masks.
+original-size arg-max masks. A run trained on patches (``data.sampling: patch``) is scored without any resize:
+Gaussian-weighted sliding windows of ``data.image_size`` over each whole slice (:func:`window_logits`).
 
 NIfTI cases are also scored as volumes: the predicted slices of each case go back to its stored voxel grid and
-per-case 3D Dice, IoU and HD95 per class (MONAI's metrics, HD95 in mm from the voxel spacing) are written to
-``per_case_<split>.csv`` (see :mod:`decon_med.engine.volume_metrics`); their means over the cases are in
-``metrics_<split>.json`` under ``per_case``. Saved predictions of NIfTI cases are ``<case>_seg.nii.gz`` volumes on
-the original grid, with the image's affine and header. ``all_cases`` scores every case of the data folder (all
-splits together, as split ``all``), for an external data set.
+per-case 3D Dice, IoU, HD95, surface Dice, volumes in ml and FP / FN voxels per class (MONAI's metrics, distances
+in mm from the voxel spacing, empty-case rules in :mod:`decon_med.engine.volume_metrics`) are written to
+``per_case_<split>.csv``; their summary per class (``n`` valid of ``N`` cases, mean, SD, median, and the empty
+cases) is in ``metrics_<split>.json`` under ``per_case``. The per-case volumes are scored with the run folder's
+recorded post-processing (``postprocessing.json``, :mod:`decon_med.engine.postprocess`) unless
+``postprocessing=False``; the pooled 2D scores are always those of the network's own output. Saved predictions of
+NIfTI cases are ``<case>_seg.nii.gz`` volumes on the original grid, with the image's affine and header (after
+that post-processing). ``all_cases`` scores every case of the data folder (all splits together, as split
+``all``), for an external data set.
 
 Example:
     >>> metrics = evaluate("runs/finetune/isic", split="test", save_predictions=True)
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +44,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from decon_med.config import FinetuneConfig
-from decon_med.data.datasets import build_dataset, collate_eval
+from decon_med.data.datasets import build_dataset, collate_eval, input_fill
 from decon_med.data.layouts import SPLITS as LAYOUT_SPLITS
 from decon_med.data.layouts import get_layout, slice_options
 from decon_med.engine.checkpoint import check_finite_state
 from decon_med.engine.loop import autocast
 from decon_med.engine.model_io import load_segmentation_model, resolve_checkpoint
-from decon_med.engine.volume_metrics import VolumeCases, mean_scores, write_case_csv
+from decon_med.engine.postprocess import recorded_classes
+from decon_med.engine.predict import sliding_logits
+from decon_med.engine.volume_metrics import (
+    RULES,
+    SURFACE_TOLERANCE_MM,
+    VolumeCases,
+    summarise,
+    write_case_csv,
+)
 from decon_med.errors import ConfigError, DataError, DeconError
 from decon_med.folders import atomic_write, check_not_input, make_folder
 from decon_med.locks import folder_lock
@@ -72,6 +85,29 @@ def predict_logits(network: nn.Module, images: torch.Tensor, amp: str = "none") 
     """
     with autocast(images.device, amp):
         return network(images).float()
+
+
+#: Overlap of the sliding windows that score patch-trained runs (``predict``'s default too).
+WINDOW_OVERLAP = 0.25
+
+
+def window_logits(network: nn.Module, image: torch.Tensor, cfg: FinetuneConfig) -> torch.Tensor:
+    """Float32 ``(B, K, H, W)`` logits of a normalised ``(B, C, H, W)`` whole slice at its own resolution, as runs
+    trained on patches are validated and scored: Gaussian-weighted sliding windows of ``data.image_size``
+    (overlap :data:`WINDOW_OVERLAP`, :func:`eval_batch_size` windows per pass); a slice smaller than a window is
+    padded as training pads it.
+
+    Example:
+        >>> window_logits(net.eval(), batch["image_full"][0][None], cfg).shape     # (1, K, H, W) of the slice
+    """
+    return sliding_logits(
+        lambda x: predict_logits(network, x, cfg.train.amp),
+        image,
+        cfg.data.image_size,
+        eval_batch_size(cfg),
+        overlap=WINDOW_OVERLAP,
+        fill=input_fill(cfg.data),
+    )
 
 
 def class_names(cfg: FinetuneConfig, classes: int) -> list[str]:
@@ -115,6 +151,10 @@ def evaluate_network(
     progress: bool = False,
     items: list[dict] | None = None,
     per_case: bool = False,
+    tolerance_mm: float = SURFACE_TOLERANCE_MM,
+    distances: bool = True,
+    postprocess: Sequence[int] = (),
+    on_case: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """Scores of ``network`` over every image of ``split`` (see :func:`decon_med.metrics.segmentation_metrics`).
 
@@ -131,6 +171,11 @@ def evaluate_network(
         progress: show a progress bar.
         items: score these items instead of listing ``split``.
         per_case: also score each NIfTI case as a volume; the rows are returned under ``"cases"``.
+        tolerance_mm: surface-Dice tolerance of the per-case scores.
+        distances: per-case HD95 and surface Dice too (``False``: Dice, IoU, volumes and counts only).
+        postprocess: classes whose largest 3D component alone is kept in the per-case volumes (scores and saved
+            NIfTI predictions; the pooled scores are of the network's output).
+        on_case: passed to :class:`~decon_med.engine.volume_metrics.VolumeCases`.
     """
     device = next(network.parameters()).device
     names = class_names(cfg, classes)
@@ -140,18 +185,34 @@ def evaluate_network(
     cases = None
     if per_case or predictions is not None:
         cases = VolumeCases(
-            loader.dataset.data, loader.dataset.layout, slice_options(cfg.data), names, per_case, predictions
+            loader.dataset.data,
+            loader.dataset.layout,
+            slice_options(cfg.data),
+            names,
+            per_case,
+            predictions,
+            tolerance_mm=tolerance_mm,
+            distances=distances,
+            postprocess=postprocess,
+            on_case=on_case,
         )
     was_training = network.training
     network.eval()
+    windows = cfg.data.sampling == "patch"  # trained on patches: sliding windows over each whole slice
     try:
         for batch in tqdm(loader, disable=not progress, desc=split, unit="batch", leave=False):
             images = batch["image"].to(device, non_blocking=True)
-            logits = predict_logits(network, images, cfg.train.amp)
+            logits = None if windows else predict_logits(network, images, cfg.train.amp)
             for index, (sample_id, label) in enumerate(zip(batch["id"], batch["label_full"], strict=True)):
-                full = F.interpolate(
-                    logits[index : index + 1], size=tuple(label.shape), mode="bilinear", align_corners=False
-                )
+                if windows:
+                    full = window_logits(network, batch["image_full"][index][None].to(device), cfg)
+                else:
+                    full = F.interpolate(
+                        logits[index : index + 1],
+                        size=tuple(label.shape),
+                        mode="bilinear",
+                        align_corners=False,
+                    )
                 prediction = full.argmax(1)
                 matrix.update(prediction, label.to(device, non_blocking=True)[None])
                 if cases is not None and cases.handles(sample_id):
@@ -177,10 +238,12 @@ def evaluate(
     data_root: str | None = None,
     num_workers: int | None = None,
     all_cases: bool = False,
+    postprocessing: bool = True,
+    surface_tolerance_mm: float = SURFACE_TOLERANCE_MM,
 ) -> dict[str, Any]:
     """Evaluate a fine-tuning run folder (its ``best.ckpt``, else ``last.ckpt``) or checkpoint on a split.
 
-    Prints a short run summary, a per-class table and, for NIfTI cases, the per-case means; writes
+    Prints a short run summary, a per-class table and, for NIfTI cases, the per-case summary; writes
     ``metrics_<split>.json`` (and ``per_case_<split>.csv`` for NIfTI cases; with ``save_predictions`` the folder
     ``predictions_<split>/`` of ``<id>.png`` class-index masks at the original image sizes and
     ``<case>_seg.nii.gz`` volumes on the original voxel grids) next to the checkpoint, or into ``out``.
@@ -195,10 +258,15 @@ def evaluate(
         num_workers: DataLoader workers instead of the config's ``data.num_workers``.
         all_cases: score every case of the data folder (every split, no slice skipped) as split ``all``
             instead of ``split``: for an external data set.
+        postprocessing: apply the post-processing recorded next to the checkpoint (``postprocessing.json``)
+            to the per-case volumes; ``False`` scores the network's output as it is.
+        surface_tolerance_mm: tolerance of the per-case surface Dice (NSD), in mm.
 
     Returns:
         The scores (``mIoU``, ``mDice``, ``aAcc``, ``mAcc``, per-class ``IoU`` / ``Dice`` / ``Acc``,
-        ``n_pixels``; ``per_case`` means for NIfTI cases).
+        ``n_pixels``; ``per_case`` for NIfTI cases: ``n_cases``, ``csv``, ``surface_tolerance_mm``,
+        ``postprocessing``, ``rules`` and per class ``{"empty": {...}, "dice": {"n", "N", "mean", "sd",
+        "median"}, ...}`` under ``classes``).
 
     Raises:
         DataError: the checkpoint or the data is missing or unreadable.
@@ -212,6 +280,8 @@ def evaluate(
     """
     if split not in SPLITS:
         raise DeconError(f"unknown split '{split}'; expected one of {', '.join(SPLITS)}")
+    if not (math.isfinite(surface_tolerance_mm) and surface_tolerance_mm >= 0):
+        raise DeconError(f"surface tolerance must be a number of mm >= 0, got {surface_tolerance_mm}")
     checkpoint = resolve_checkpoint(path)
     network, cfg, state = load_segmentation_model(checkpoint)
     check_finite_state(state["network"], checkpoint)
@@ -231,9 +301,20 @@ def evaluate(
         items = get_layout(cfg.data).items(split)
     folder = Path(out).expanduser() if out is not None else checkpoint.parent
     check_not_input(folder, [("data root", cfg.data.root)], "the evaluation folder")
+    recorded = recorded_classes(checkpoint) if postprocessing else ((), "none (--no-postprocessing)")
     with folder_lock(folder, "evaluate"):
         return _evaluate_into(
-            folder, checkpoint, network, cfg, state, split, items, save_predictions, progress
+            folder,
+            checkpoint,
+            network,
+            cfg,
+            state,
+            split,
+            items,
+            save_predictions,
+            progress,
+            recorded,
+            surface_tolerance_mm,
         )
 
 
@@ -247,16 +328,29 @@ def _evaluate_into(
     items: list,
     save_predictions: bool,
     progress: bool,
+    recorded: tuple[tuple[int, ...], str] | None = None,
+    tolerance_mm: float = SURFACE_TOLERANCE_MM,
 ) -> dict[str, Any]:
-    """The body of :func:`evaluate` once ``folder`` is locked."""
+    """The body of :func:`evaluate` once ``folder`` is locked (``recorded``: the post-processing to apply and its
+    description, from :func:`~decon_med.engine.postprocess.recorded_classes`)."""
     from decon_med.summary import print_summary
 
     print_summary("evaluate", cfg, {split: items}, steps=f"checkpoint iteration {int(state.get('step', 0))}")
     network.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     predictions = folder / f"predictions_{split}" if save_predictions else None
     classes = int(state["network_meta"]["classes"])
+    postprocess, applied = recorded if recorded is not None else ((), "none (no postprocessing.json)")
     metrics = evaluate_network(
-        network, cfg, split, classes, predictions=predictions, progress=progress, items=items, per_case=True
+        network,
+        cfg,
+        split,
+        classes,
+        predictions=predictions,
+        progress=progress,
+        items=items,
+        per_case=True,
+        tolerance_mm=tolerance_mm,
+        postprocess=postprocess,
     )
     rows = metrics.pop("cases")
     if rows:
@@ -264,7 +358,10 @@ def _evaluate_into(
         metrics["per_case"] = {
             "n_cases": len(rows),
             "csv": f"per_case_{split}.csv",
-            "mean": mean_scores(rows),
+            "surface_tolerance_mm": float(tolerance_mm),
+            "postprocessing": applied,
+            "rules": dict(RULES),
+            "classes": summarise(rows, class_names(cfg, classes)[1:]),
         }
     record = {
         "checkpoint": str(checkpoint),
@@ -275,6 +372,8 @@ def _evaluate_into(
     }
     write_json(folder / f"metrics_{split}.json", record)
     print(f"{checkpoint} on {split} (iteration {record['iter']}):")
+    if rows:
+        print("pooled over every pixel of the split's slices (the network's output, background included):")
     print(format_table(metrics))
     if rows:
         print(format_case_means(metrics["per_case"]))
@@ -304,24 +403,65 @@ def all_items(cfg: FinetuneConfig) -> list[dict]:
 
 
 def format_case_means(per_case: dict[str, Any]) -> str:
-    """One line per foreground class: mean Dice / IoU (percent) and HD95 (mm) over the cases.
+    """The per-case summary as a compact table: per foreground class ``n`` valid / ``N`` cases, then mean ± SD
+    [median] of Dice, IoU and NSD (percent) and HD95 (mm); then the empty cases, the post-processing applied and
+    the empty-case rules. A score whose ``n`` differs from the Dice's says so in its cell (``n=3``).
 
     Example:
-        >>> print(format_case_means({"n_cases": 2, "mean": {"dice_liver": 0.9, "iou_liver": 0.82, "hd95_liver": 3.1}}))
-        per case (2 cases, mean): liver Dice 90.00 IoU 82.00 HD95 3.10 mm
+        >>> print(format_case_means(metrics["per_case"]))
+        per case (3D, 4 cases): mean ± SD [median] over n valid of N; Dice, IoU, NSD in %, HD95 in mm
+        class    n    Dice                  IoU                   HD95 mm               NSD 2 mm
+        liver    4/4  90.00 ± 2.10 [91.00]  82.00 ± 3.40 [83.10]  3.10 ± 0.52 [3.00]    88.10 ± 4.00 [89.00]
+        empty cases: none
+        post-processing: none (no postprocessing.json)
+        rules: a prediction on an empty ground truth scores Dice/IoU/NSD 0; both empty: not scored (lowers n); HD95 with one side empty: the image diagonal
     """
-    mean = per_case["mean"]
-    names = [key.split("_", 1)[1] for key in mean if key.startswith("dice_")]
-    parts = [
-        f"{name} Dice {_percent(mean[f'dice_{name}'])} IoU {_percent(mean[f'iou_{name}'])} "
-        f"HD95 {_mm(mean[f'hd95_{name}'])}"
-        for name in names
+    classes = per_case["classes"]
+    tolerance = float(per_case.get("surface_tolerance_mm", SURFACE_TOLERANCE_MM))
+    shown = (("dice", "Dice", True), ("iou", "IoU", True), ("hd95", "HD95 mm", False))
+    shown += (("nsd", f"NSD {tolerance:g} mm", True),)
+    width = max([len("class"), *(len(name) for name in classes)]) + 2
+    cell = 22
+    lines = [
+        f"per case (3D, {per_case['n_cases']} cases): mean ± SD [median] over n valid of N; Dice, IoU, NSD in %, "
+        "HD95 in mm",
+        (f"{'class':<{width}}{'n':<7}" + "".join(f"{title:<{cell}}" for _, title, _ in shown)).rstrip(),
     ]
-    return f"per case ({per_case['n_cases']} cases, mean): " + "; ".join(parts)
+    for name, summary in classes.items():
+        dice = summary.get("dice", {"n": 0, "N": per_case["n_cases"]})
+        row = f"{name:<{width}}{str(dice['n']) + '/' + str(dice['N']):<7}"
+        for key, _, percent in shown:
+            stats = summary.get(key)
+            text = "-" if stats is None else _stats_cell(stats, percent)
+            if stats is not None and stats["n"] != dice["n"]:
+                text += f" n={stats['n']}"
+            row += f"{text:<{cell}}"
+        lines.append(row.rstrip())
+    empties = [
+        f"{name}: {s['empty']['gt']} with an empty ground truth, {s['empty']['pred']} with an empty prediction, "
+        f"{s['empty']['both']} empty in both (not scored)"
+        for name, s in classes.items()
+        if any(s["empty"].values())
+    ]
+    lines.append("empty cases: " + ("; ".join(empties) if empties else "none"))
+    lines.append(f"post-processing: {per_case.get('postprocessing', 'none')}")
+    lines.append(
+        "rules: a prediction on an empty ground truth scores Dice/IoU/NSD 0; both empty: not scored (lowers n); "
+        "HD95 with one side empty: the image diagonal"
+    )
+    return "\n".join(lines)
 
 
-def _mm(value: float) -> str:
-    return "nan" if value is None or math.isnan(value) else f"{value:.2f} mm"
+def _stats_cell(stats: dict[str, Any], percent: bool) -> str:
+    """``mean ± SD [median]`` of one score (``-`` when no case has a value)."""
+    if not stats["n"]:
+        return "-"
+    scale = 100.0 if percent else 1.0
+
+    def number(value: float | None) -> str:
+        return "nan" if value is None or not math.isfinite(value) else f"{scale * value:.2f}"
+
+    return f"{number(stats['mean'])} ± {number(stats['sd'])} [{number(stats['median'])}]"
 
 
 def format_table(metrics: dict[str, Any]) -> str:

@@ -8,8 +8,8 @@ its reference transfers, the student for the DenseCL family and MIM.
     encoder.safetensors           the encoder entries of the smp state dict (keys start with ``encoder.``)
     encoder_decoder.safetensors   encoder and decoder entries (the task-specific segmentation head is left out)
     smp/                          the whole network via smp's ``save_pretrained`` (config.json, model.safetensors)
-    export.json                   arch, encoder, in_channels, classes, branch (teacher or student), source
-                                  checkpoint and step
+    export.json                   arch, encoder, in_channels, channel_names (when the data names its channels),
+                                  classes, branch (teacher or student), source checkpoint and step
 
 Keys are those of the smp model, so ``model.load_state_dict(load_file("encoder.safetensors"), strict=False)``
 loads the encoder of a fresh ``smp.create_model(arch, encoder_name=...)`` and reports only decoder and head keys
@@ -91,6 +91,7 @@ def export(
     _save_smp(network, paths["smp"])
     record = {
         **meta,
+        "channel_names": recorded_channel_names(checkpoint),
         "branch": "teacher" if exported_prefix(checkpoint) == "teacher." else "student",
         "source": str(checkpoint_path.resolve()),
         "step": int(checkpoint.get("step", 0)),
@@ -125,6 +126,29 @@ def checkpoint_meta(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
     from decon_med.models.network import check_recorded_network
 
     return check_recorded_network(meta, path)  # an arch or encoder this installation lacks: one line
+
+
+def recorded_channel_names(checkpoint: dict[str, Any]) -> list[str] | None:
+    """The input channel names of the run (its config's ``data.channel_names``, else those its nnU-Net / datalist
+    JSON gives, when still there), or ``None``.
+
+    Example:
+        >>> recorded_channel_names(load_checkpoint("runs/prostate_ml/last.ckpt"))
+        ['T2', 'ADC']
+    """
+    data = (checkpoint.get("config") or {}).get("data") or {}
+    if not isinstance(data, dict):
+        return None
+    if data.get("channel_names"):
+        return [str(n) for n in data["channel_names"]]
+    if data.get("name") not in ("nnunet", "datalist") or not data.get("root"):
+        return None
+    from decon_med.config import DataConfig
+    from decon_med.data.layout_base import dataset_channel_names
+
+    channels = data.get("channels")
+    names = dataset_channel_names(DataConfig(name=data["name"], root=str(data["root"]), channels=channels))
+    return None if names is None else list(names)
 
 
 def rebuild_network(checkpoint: dict[str, Any], meta: dict[str, Any], path: Path) -> torch.nn.Module:

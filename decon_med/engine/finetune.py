@@ -6,11 +6,14 @@ A run folder (``cfg.out_dir``) holds::
     train_ids.json     the training images used (seeded, nested across fractions, the same for every init)
     init_report.json   which tensors were loaded from ``init`` and which are fresh
     metrics.csv        one row per log step: step (iteration), epoch (passes over the subset), loss, lr, img_s
-    val.csv            one row per validation: iter, mIoU, mDice, aAcc and per-class IoU
+    val.csv            one row per validation: iter, mIoU, mDice, aAcc (case_dice when selecting on it), IoU
+    modalities.csv     volume runs: each file's modality and how it was decided (declared / auto and why)
     tb/                TensorBoard events of both
     checkpoints/       step_0000500.ckpt every train.ckpt_every iterations (the newest train.keep_checkpoints)
     last.ckpt          the newest state (written with every numbered checkpoint, every validation, and at the end)
-    best.ckpt          train.select=best: the weights with the highest val mIoU (the earliest on ties)
+    best.ckpt          train.select=best: the weights with the highest val train.select_metric (earliest on ties)
+    postprocessing.json  volume runs: per class, whether keeping the largest 3D component raised the selected
+                       checkpoint's mean per-case val Dice (both Dice values recorded; see decon_med.engine.postprocess)
     results.json       the selected checkpoint's val and test scores, once the run has finished
     done.json          final iteration and wall time, once the run has finished
 
@@ -27,6 +30,10 @@ repeats within a batch, each repeat differently augmented; every image is seen e
 
 **Resume** is bit-exact on CPU, as for pre-training: the batch of an iteration depends only on (seed, iteration),
 and the optimiser, scaler, generator states, best score and last validation are in every checkpoint.
+
+**Selection.** ``train.select_metric`` (``auto``: ``case_dice`` when the val split holds NIfTI cases, else
+``miou``) is resolved once, when the run starts, and recorded with the best score in every checkpoint, so a
+resumed run selects the same way (a checkpoint written before the key existed selected on ``miou``).
 
 **Recipes** (:mod:`decon_med.engine.recipes`, all off by default): per-part learning-rate multipliers
 (``train.lr_mult``), a frozen warm-up (``train.freeze``), the transferred BatchNorm layers' statistics and affine
@@ -61,8 +68,9 @@ from torch.utils.data import Dataset
 
 from decon_med import distributed
 from decon_med.config import FinetuneConfig, save_config
+from decon_med.data.check import write_modalities
 from decon_med.data.datasets import build_dataset
-from decon_med.data.layouts import get_layout, num_classes
+from decon_med.data.layouts import get_layout, num_classes, slice_options
 from decon_med.data.splits import split_fraction, write_split
 from decon_med.data.stream import PassStream
 from decon_med.engine.checkpoint import check_finite_state, save_checkpoint
@@ -70,6 +78,7 @@ from decon_med.engine.evaluate import class_names, evaluate_network, write_json
 from decon_med.engine.loop import IntervalMeter, TrainingSession, autocast, check_compile
 from decon_med.engine.model_io import load_segmentation_model, model_part, segmentation_state
 from decon_med.engine.optim import build_optimizer, poly_schedule
+from decon_med.engine.postprocess import POSTPROCESSING, decide_postprocessing, format_decision
 from decon_med.engine.pretrain import MetricsLogger, RunPaths, seed_everything
 from decon_med.engine.recipes import (
     FreezeSchedule,
@@ -83,7 +92,8 @@ from decon_med.engine.recipes import (
 from decon_med.engine.run_folder import prepare_run_folder, resume_is_noop, run_folder_lock
 from decon_med.engine.tracking import check_loggers, finish_run, flat_scores
 from decon_med.engine.transfer import format_report, load_init
-from decon_med.errors import DataError, DeconError, find_error
+from decon_med.engine.volume_metrics import foreground_dice
+from decon_med.errors import ConfigError, DataError, DeconError, find_error
 from decon_med.folders import atomic_write, record_written
 from decon_med.models.network import build_network
 from decon_med.summary import print_summary
@@ -181,15 +191,33 @@ def _run(
     all_train = layout.items("train")
     subset = split_fraction(all_train, cfg.fraction, cfg.seed)
     dataset = build_dataset(cfg, "train", "train", items=subset)
-    if (progress if summary is None else summary) and distributed.is_main_process():
-        splits = {"train": subset, **{split: layout.items(split) for split in ("val", "test")}}
+    val_items = layout.items("val")
+    select_metric = resolve_select_metric(cfg.train.select_metric, val_items)
+    volumes = any("slice" in item for item in (*subset, *val_items))
+    show = (progress if summary is None else summary) and distributed.is_main_process()
+    splits = {"train": subset, "val": val_items, "test": layout.items("test")} if show or volumes else {}
+    if show:
         stop = cfg.train.iters if max_iters is None else min(cfg.train.iters, max_iters)
         print_summary("finetune", cfg, splits, steps=f"{stop} of {cfg.train.iters} iterations")
     network, report = _initial_network(cfg, classes, fresh=checkpoint is None)
-    run = _Run(cfg, paths, network, classes, dataset, checkpoint, max_iters, report=report, items=subset)
+    run = _Run(
+        cfg,
+        paths,
+        network,
+        classes,
+        dataset,
+        checkpoint,
+        max_iters,
+        report=report,
+        items=subset,
+        select_metric=select_metric,
+        volumes=volumes,
+    )
     if distributed.is_main_process():
         save_config(cfg, paths.config)
         write_split(subset, paths.train_ids, fraction=cfg.fraction, seed=cfg.seed, n_total=len(all_train))
+        if volumes:
+            write_modalities(paths.root / "modalities.csv", splits, slice_options(cfg.data))
     if report is not None and distributed.is_main_process():
         write_json(paths.init_report, report)
         if progress:  # a grid of runs keeps its output to one line per run; the report is in the run folder
@@ -226,9 +254,60 @@ def _initial_network(cfg: FinetuneConfig, classes: int, fresh: bool) -> tuple[nn
     return network, report
 
 
-def validate(network: nn.Module, cfg: FinetuneConfig, classes: int) -> dict[str, Any]:
-    """Scores of ``network`` on the whole val split (the quantity best-checkpoint selection maximises)."""
-    return evaluate_network(network, cfg, "val", classes)
+def validate(
+    network: nn.Module, cfg: FinetuneConfig, classes: int, case_dice: bool = False
+) -> dict[str, Any]:
+    """Scores of ``network`` on the whole val split (best-checkpoint selection maximises one of them); with
+    ``case_dice`` also ``case_dice``, the mean per-case 3D foreground Dice of the NIfTI val cases
+    (:func:`~decon_med.engine.volume_metrics.foreground_dice`).
+
+    Example:
+        >>> validate(network, cfg, classes=3, case_dice=True)["case_dice"]
+        0.71
+    """
+    metrics = evaluate_network(network, cfg, "val", classes, per_case=case_dice, distances=False)
+    if case_dice:
+        rows = metrics.pop("cases")
+        metrics["case_dice"] = foreground_dice(rows, class_names(cfg, classes)[1:])
+    return metrics
+
+
+#: ``train.select_metric`` -> the key of :func:`validate`'s scores it maximises.
+SELECT_KEYS = {"miou": "mIoU", "case_dice": "case_dice"}
+
+
+def resolve_select_metric(setting: str, val_items: list[dict]) -> str:
+    """``train.select_metric`` resolved for a run: ``auto`` is ``case_dice`` when the val split holds NIfTI cases
+    (items with a ``slice``), else ``miou``.
+
+    Raises:
+        ConfigError: ``case_dice`` with no NIfTI case in the val split.
+
+    Example:
+        >>> resolve_select_metric("auto", layout.items("val"))     # a folder of NIfTI cases
+        'case_dice'
+    """
+    volumes = any("slice" in item for item in val_items)
+    if setting == "auto":
+        return "case_dice" if volumes else "miou"
+    if setting == "case_dice" and not volumes:
+        raise ConfigError(
+            "config key 'train.select_metric': case_dice needs NIfTI cases in the val split, which holds only 2D "
+            "images; use miou (or auto)"
+        )
+    return setting
+
+
+def selection_score(metrics: dict[str, Any], metric: str) -> float:
+    """The score ``metric`` (``miou`` or ``case_dice``) of :func:`validate`'s ``metrics`` as a comparable number:
+    NaN or missing rank lowest. The checkpoint with the higher score is kept (the earlier one on ties).
+
+    Example:
+        >>> a, b = {"mIoU": 0.80, "case_dice": 0.60}, {"mIoU": 0.78, "case_dice": 0.70}
+        >>> max((a, b), key=lambda m: selection_score(m, "case_dice")) is b
+        True
+    """
+    return _score(metrics.get(SELECT_KEYS[metric]))
 
 
 def build_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -276,8 +355,11 @@ class _Run(TrainingSession):
         max_iters: int | None,
         report: dict[str, Any] | None = None,
         items: list[dict] | None = None,
+        select_metric: str = "miou",
+        volumes: bool = False,
     ):
         self.cfg, self.paths, self.classes, self.dataset = cfg, paths, classes, dataset
+        self.select_metric, self.volumes = select_metric, volumes
         self.device = distributed.device()
         train = cfg.train
         self.total = train.iters
@@ -297,7 +379,7 @@ class _Run(TrainingSession):
             self.freezing.apply(self.network, self.total)
         self.params = [p for p in network.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(train, network.named_parameters(), train.lr, lr_mult=lr_mult(train))
-        self.best: dict[str, Any] = {"iter": -1, "mIoU": None}
+        self.best: dict[str, Any] = {"iter": -1, "mIoU": None, "metric": select_metric, "score": None}
         self.last_val: dict[str, Any] | None = None
         if checkpoint is not None:
             self._load(checkpoint)
@@ -341,6 +423,8 @@ class _Run(TrainingSession):
             )
         self.network.load_state_dict(checkpoint["network"])
         self.best = dict(checkpoint["best"])
+        # the metric the run started with (a checkpoint from before train.select_metric selected on mIoU)
+        self.select_metric = self.best.setdefault("metric", "miou")
         self.last_val = checkpoint.get("val")
 
     def _state(self) -> dict[str, Any]:
@@ -449,17 +533,25 @@ class _Run(TrainingSession):
 
     def _validate(self, logger: MetricsLogger, val_log: _ValLog) -> None:
         """Score the val split; keep ``best.ckpt`` when it is the best so far (strictly: ties keep the earlier)."""
-        metrics = validate(self.network, self.cfg, self.classes)
+        metrics = validate(self.network, self.cfg, self.classes, case_dice=self.select_metric == "case_dice")
         self.last_val = {"iter": self.step, "metrics": metrics}
         row = val_log.write(self.step, metrics)
         logger.track({f"val/{key}": value for key, value in row.items() if key != "iter"}, self.step)
-        for key in ("mIoU", "mDice"):
-            logger.tb.add_scalar(f"val/{key}", metrics[key], self.step)
+        for key in ("mIoU", "mDice", "case_dice"):
+            if key in metrics:
+                logger.tb.add_scalar(f"val/{key}", metrics[key], self.step)
         for name, value in metrics["IoU"].items():
             logger.tb.add_scalar(f"val/IoU_{name}", value, self.step)
-        score = _score(metrics["mIoU"])
-        if self.best["iter"] < 0 or score > _score(self.best["mIoU"]):
-            self.best = {"iter": self.step, "mIoU": metrics["mIoU"]}
+        score = selection_score(metrics, self.select_metric)
+        best = _score(self.best.get("score", self.best.get("mIoU")))
+        if self.best["iter"] < 0 or score > best:
+            key = SELECT_KEYS[self.select_metric]
+            self.best = {
+                "iter": self.step,
+                "mIoU": metrics["mIoU"],
+                "metric": self.select_metric,
+                "score": metrics.get(key),
+            }
             if self.cfg.train.select == "best":
                 state = segmentation_state(
                     self.network, self.cfg, self.classes, step=self.step, val=self.last_val
@@ -481,6 +573,13 @@ class _Run(TrainingSession):
         check_finite_state(state["network"], selected)
         network.to(self.device)
         test = evaluate_network(network, self.cfg, "test", self.classes, progress=progress)
+        decision = None
+        if self.volumes:  # per class: does keeping the largest 3D component raise the val Dice?
+            decision = decide_postprocessing(
+                network, self.cfg, self.classes, self.paths.root, selected.name, int(state["step"]), progress
+            )
+            if decision is not None and progress:
+                print(format_decision(decision))
         wall_time = self.elapsed + time.perf_counter() - start
         val = state.get("val") or {}
         results = {
@@ -491,6 +590,7 @@ class _Run(TrainingSession):
             "seed": self.cfg.seed,
             "n_train": len(self.dataset),
             "select": self.cfg.train.select,
+            "select_metric": self.select_metric,
             "selected_iter": int(state["step"]),
             "checkpoint": selected.name,
             "val": val.get("metrics"),
@@ -498,6 +598,13 @@ class _Run(TrainingSession):
             "wall_time_s": round(wall_time, 3),
             "class_names": class_names(self.cfg, self.classes),
         }
+        if decision is not None:
+            results["postprocessing"] = {
+                "file": POSTPROCESSING,
+                "largest_component": [
+                    name for name, c in decision["classes"].items() if c["largest_component"]
+                ],
+            }
         write_json(self.paths.results, results)
         done = {
             "step": self.step,
@@ -522,9 +629,9 @@ class _Run(TrainingSession):
             save_checkpoint(model_part(state), self.paths.last)
 
 
-def _score(miou: float | None) -> float:
-    """mIoU as a comparable number (NaN / missing rank lowest)."""
-    return miou if miou is not None and math.isfinite(miou) else -math.inf
+def _score(value: float | None) -> float:
+    """A validation score as a comparable number (NaN / missing rank lowest)."""
+    return value if value is not None and math.isfinite(value) else -math.inf
 
 
 class _ValLog:
@@ -545,6 +652,7 @@ class _ValLog:
             "mIoU": metrics["mIoU"],
             "mDice": metrics["mDice"],
             "aAcc": metrics["aAcc"],
+            **({"case_dice": metrics["case_dice"]} if "case_dice" in metrics else {}),
             **{f"IoU_{name}": value for name, value in metrics["IoU"].items()},
         }
         new = self.columns is None

@@ -212,6 +212,10 @@ def _run(
     run = _Run(cfg, paths, plan, dataset, method, checkpoint)
     if distributed.is_main_process():
         save_config(cfg, paths.config)
+        from decon_med.data.check import write_modalities  # each volume's modality and how it was decided
+        from decon_med.data.layouts import slice_options
+
+        write_modalities(paths.root / "modalities.csv", {"train": dataset.data}, slice_options(cfg.data))
     run.train(progress)
 
 

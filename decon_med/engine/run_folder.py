@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from decon_med import distributed
-from decon_med.config import flatten, to_dict
+from decon_med.config import flatten, to_dict, upgrade_config
 from decon_med.engine.checkpoint import load_checkpoint
 from decon_med.errors import DeconError
 from decon_med.folders import RUN_MARKER, OwnedFolder, check_deletable, check_not_input
@@ -223,9 +223,10 @@ def check_resumable(
     """Raise a DeconError naming every config key that differs (except :data:`RESUMABLE_KEYS`).
 
     ``train.epochs`` may only grow. A key the saved config does not hold (a run written before the key existed) is
-    no difference when the new config leaves it at its value in ``defaults``.
+    no difference when the new config leaves it at its value in ``defaults``. A saved config in the flat ``ssl``
+    format is compared at the current keys (:func:`decon_med.config.upgrade_config`).
     """
-    old_flat, new_flat = flatten(saved), flatten(new)
+    old_flat, new_flat = flatten(upgrade_config(saved)), flatten(new)
     default_flat = flatten(defaults) if defaults is not None else {}
 
     def differs(key: str) -> bool:
@@ -233,6 +234,10 @@ def check_resumable(
             return False
         if key not in old_flat and key in default_flat and new_flat.get(key) == default_flat[key]:
             return False
+        if key == "data.channel_names" and old_flat.get(key) is None:
+            return (
+                False  # a run saved before the names were recorded: loading now fills them from dataset.json
+            )
         return old_flat.get(key) != new_flat.get(key)
 
     differing = sorted(key for key in old_flat.keys() | new_flat.keys() if differs(key))

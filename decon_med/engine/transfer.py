@@ -15,7 +15,11 @@ head is new). A load is never partial: every copied tensor must exist in the net
 every tensor of the transferred part must be in the source (BatchNorm's ``num_batches_tracked`` counters
 excepted), otherwise a :class:`~decon_med.errors.DeconError` names the file and a few keys. Where the source
 records its encoder / arch / input channels (``export.json``, a checkpoint, smp's ``config.json``), they are
-compared with the fine-tuning network first, for a clearer message.
+compared with the fine-tuning network first, for a clearer message: a network pre-trained on C input channels
+transfers into a fine-tuning network of C channels only. Weights imported from an RGB model (``decon-med import``:
+SlotCon, DenseCL, torchvision, timm; 3 channels) are the exception: their first convolution is adapted to the
+fine-tuning channels as smp adapts ImageNet weights (:func:`~decon_med.models.network.adapt_first_conv`), and
+the report lists it under ``adapted``.
 
 Example:
     >>> net = build_network(ModelConfig(arch="fcn", encoder="resnet50"), in_channels=3, classes=2)
@@ -34,7 +38,7 @@ import torch
 from torch import nn
 
 from decon_med.engine.checkpoint import load_state_file
-from decon_med.engine.export import OUTPUTS
+from decon_med.engine.export import OUTPUTS, recorded_channel_names
 from decon_med.errors import ConfigError, DataError, DeconError
 
 #: State-dict prefixes copied by each transfer mode.
@@ -96,6 +100,11 @@ def load_init(
     check_recorded(recorded, path, transfer, arch=arch, encoder=encoder, in_channels=in_channels)
     state = _network_keys(load_state_file(path))
     selected = {k: v for k, v in state.items() if k.startswith(PREFIXES[transfer])}
+    adapted: list[str] = []
+    if _rgb_import(recorded) and in_channels not in (None, 3):
+        from decon_med.models.network import adapt_rgb_weights
+
+        selected, adapted = adapt_rgb_weights(network.state_dict(), selected)
     if transfer == "encoder_decoder" and not any(k.startswith("decoder.") for k in selected):
         raise DeconError(
             f"{path}: holds no decoder weights (encoder only), so transfer=encoder_decoder cannot be used; "
@@ -103,7 +112,7 @@ def load_init(
         )
     check_fit(network.state_dict(), selected, path, transfer, arch=arch, encoder=encoder)
     nn.Module.load_state_dict(network, selected, strict=False)  # smp's own loader drops mismatches silently
-    return {
+    report = {
         "transfer": transfer,
         "init": str(init),
         "source": str(path),
@@ -112,6 +121,17 @@ def load_init(
         "missing": [k for k in net_keys if k not in selected],
         "unexpected": sorted(k for k in state if k not in selected),
     }
+    if adapted:
+        report["adapted"] = [f"{k}: 3 -> {in_channels} input channels (smp's rule)" for k in adapted]
+    return report
+
+
+#: ``export.json`` ``format`` of weights ``decon-med import`` took from RGB models.
+RGB_IMPORT_FORMATS = ("slotcon", "densecl", "torchvision", "timm")
+
+
+def _rgb_import(recorded: dict[str, Any]) -> bool:
+    return recorded.get("format") in RGB_IMPORT_FORMATS and recorded.get("in_channels") in (None, 3)
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -186,10 +206,17 @@ def check_recorded(
             f"or use weights pre-trained with {encoder}"
         )
     channels = recorded.get("in_channels")
-    if in_channels is not None and channels is not None and channels != in_channels:
+    if (
+        in_channels is not None
+        and channels is not None
+        and channels != in_channels
+        and not _rgb_import(recorded)
+    ):
+        names = recorded.get("channel_names")
+        named = f" ({', '.join(map(str, names))})" if names else ""
         raise DeconError(
-            f"{path}: pre-trained on {channels}-channel input, fine-tuning on {in_channels}; "
-            f"set data.in_channels={channels}"
+            f"{path}: pre-trained on {channels}-channel input{named}, fine-tuning on {in_channels}; "
+            f"set data.in_channels={channels} with data of those channels, or pre-train on this data"
         )
     was_arch = recorded.get("arch")
     if transfer == "encoder_decoder" and was_arch and was_arch != arch:
@@ -291,7 +318,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _pick(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: record[k] for k in ("arch", "encoder", "in_channels") if record.get(k) is not None}
+    keys = ("arch", "encoder", "in_channels", "channel_names", "format")
+    return {k: record[k] for k in keys if record.get(k) is not None}
 
 
 def _export_meta(path: Path) -> dict[str, Any]:
@@ -320,10 +348,12 @@ def _checkpoint_meta(path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         return {}
     meta = obj.get("network_meta")
-    if isinstance(meta, dict):
-        return _pick(meta)
     config = obj.get("config")
+    data = config.get("data") if isinstance(config, dict) and isinstance(config.get("data"), dict) else {}
+    names = recorded_channel_names(obj) if isinstance(config, dict) else None
+    if isinstance(meta, dict):
+        return _pick({"channel_names": names, **meta})
     if isinstance(config, dict) and isinstance(config.get("model"), dict):
-        data = config.get("data") if isinstance(config.get("data"), dict) else {}
-        return _pick({**config["model"], "in_channels": data.get("in_channels")})
+        model = {k: v for k, v in config["model"].items() if k in ("arch", "encoder")}
+        return _pick({**model, "in_channels": data.get("in_channels"), "channel_names": names})
     return {}

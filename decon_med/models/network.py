@@ -158,15 +158,21 @@ def build_network(cfg: ModelConfig, in_channels: int = 3, classes: int = 1) -> S
     if cfg.encoder_weights:
         from decon_med.models.encoder_weights import is_weight_name, load_named_weights
 
-        if is_weight_name(cfg.encoder, cfg.encoder_weights):  # e.g. imagenet: smp's weights, from the Hub cache
+        if is_weight_name(
+            cfg.encoder, cfg.encoder_weights
+        ):  # e.g. imagenet: smp's weights, from the Hub cache
             load_named_weights(net, cfg.encoder, cfg.encoder_weights, in_channels)
         else:
-            load_encoder_file(net, cfg.encoder_weights)
+            load_encoder_file(net, cfg.encoder_weights, cfg.encoder)
     return net
 
 
-def load_encoder_file(net: SegmentationModel, path: str | Path) -> None:
-    """Load an encoder state dict from a local file strictly into ``net.encoder``."""
+def load_encoder_file(net: SegmentationModel, path: str | Path, encoder: str | None = None) -> None:
+    """Load an encoder state dict from a local file strictly into ``net.encoder``.
+
+    Weights of a 3-channel (RGB) encoder load into an encoder of other input channels with the first convolution
+    adapted as smp adapts its own ImageNet weights (:func:`adapt_first_conv`).
+    """
     from decon_med.engine.checkpoint import load_state_file
 
     state = load_state_file(path)
@@ -175,13 +181,64 @@ def load_encoder_file(net: SegmentationModel, path: str | Path) -> None:
         for k, v in state.items()
         if not k.startswith(("decoder.", "segmentation_head."))
     }
+    state, _ = adapt_rgb_weights(net.encoder.state_dict(), state)
+    name = encoder or getattr(net.encoder, "name", "?")
     # nn.Module's own loader: some smp encoders override load_state_dict and return nothing
-    result = nn.Module.load_state_dict(net.encoder, state, strict=False)
+    try:
+        result = nn.Module.load_state_dict(net.encoder, state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        problem = str(exc).strip().splitlines()[-1].strip()[:200]
+        raise ConfigError(f"model.encoder_weights: {path} does not fit encoder '{name}' ({problem})") from exc
     if result.missing_keys or result.unexpected_keys:
         raise ConfigError(
-            f"model.encoder_weights: {path} does not match encoder '{getattr(net.encoder, 'name', '?')}' "
+            f"model.encoder_weights: {path} does not match encoder '{name}' "
             f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})"
         )
+
+
+def adapt_first_conv(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """A convolution weight ``(out, 3, kh, kw)`` made for RGB input, for ``channels`` input channels, by smp's rule
+    (``patch_first_conv``): summed over RGB for 1 channel, else the RGB filters repeated cyclically and scaled by
+    ``3 / channels``.
+
+    Example:
+        >>> adapt_first_conv(torch.ones(64, 3, 7, 7), 4).shape, float(adapt_first_conv(torch.ones(1, 3, 1, 1), 4).sum())
+        (torch.Size([64, 4, 7, 7]), 3.0)
+    """
+    if weight.ndim != 4 or weight.shape[1] != 3:
+        raise ValueError(f"expected a (out, 3, kh, kw) weight, got {tuple(weight.shape)}")
+    if channels == 1:
+        return weight.sum(1, keepdim=True)
+    index = torch.arange(channels) % 3
+    return weight[:, index] * (3 / channels)
+
+
+def adapt_rgb_weights(
+    target: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``state`` with every 4D weight that has 3 input channels where ``target`` has the same tensor with another
+    number (the first convolution) adapted by :func:`adapt_first_conv`; also returns the keys adapted.
+
+    Example:
+        >>> state, keys = adapt_rgb_weights(build_network(cfg, in_channels=4).state_dict(), rgb_state)
+        >>> keys
+        ['encoder.conv1.weight']
+    """
+    out, adapted = dict(state), []
+    for key, value in state.items():
+        want = target.get(key)
+        if (
+            want is not None
+            and value.ndim == 4
+            and want.ndim == 4
+            and value.shape[1] == 3
+            and want.shape[1] != 3
+            and value.shape[0] == want.shape[0]
+            and value.shape[2:] == want.shape[2:]
+        ):
+            out[key] = adapt_first_conv(value, int(want.shape[1])).to(value.dtype)
+            adapted.append(key)
+    return out, adapted
 
 
 def decoder_level_modules(net: SegmentationModel) -> list[nn.Module]:

@@ -58,6 +58,22 @@ class SSLMethod(nn.Module):
         return [(name, p) for name, p in self.named_parameters() if p.requires_grad]
 
 
+class SettingError(ValueError):
+    """A method argument that does not fit the network it is built on (e.g. a decoder level the network does not
+    have). ``setting`` is the argument's name; the config layer that built the method names the config key.
+
+    Example:
+        >>> raise SettingError("levels", "level 7 is out of range for Unet with 5 decoder levels")
+    """
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(message)
+        self.setting = setting
+
+    def __reduce__(self):  # pickled with both arguments (DataLoader workers, multiprocessing)
+        return type(self), (self.setting, str(self))
+
+
 def full_precision(tensor: torch.Tensor) -> torch.autocast:
     """A context in which autocast is off on ``tensor``'s device: similarities and losses are computed in fp32
     even when the forward pass runs under bf16 / fp16 autocast (``.float()`` alone does not stop autocast from

@@ -5,19 +5,24 @@ copies) sit on the encoder's last level and, replicated, on each supervised deco
 
     loss = alpha * L_enc + (1 - alpha) * mean_l L_dec[l]
 
-- **SlotCon** (encoder only): no decoder level, alpha = 1; the decoder is not even run.
-- **DeCon-SL**: one decoder level (by default the decoder output that feeds the segmentation head).
-- **DeCon-ML**: several decoder levels (deep supervision) plus channel dropout on the encoder features entering
-  the decoder through skip connections; alpha = 0 (decoder losses only) is the paper's best with dropout 0.5.
+- **SlotCon / DenseCL** (encoder only, ``ssl.decoder.preset: none``): no decoder level, alpha = 1; the decoder is
+  not even run.
+- **DeCon-SL** (``ssl.decoder.preset: sl``): one decoder level (by default the decoder output that feeds the
+  segmentation head).
+- **DeCon-ML** (``ssl.decoder.preset: ml``): several decoder levels (deep supervision) plus channel dropout on the
+  encoder features entering the decoder through skip connections; alpha = 0 (decoder losses only) is the paper's
+  best with dropout 0.5.
+
+Any registered method whose builder calls :func:`build_decon` takes decoder supervision (``ssl.decoder``).
 
 The teacher is an EMA copy of the student network and heads (cosine momentum 0.99 -> 1, one step per optimiser
 step); it runs without dropout and without gradient. Decoder levels are average-pooled to at most
 ``dec_grid`` x ``dec_grid`` before their heads: a U-Net's levels are 14 x 14 to 224 x 224 at 224 px, and a
 4096-wide projector on every pixel would cost many times the encoder head. With the default ``dec_grid`` 7 each
 level's head costs about one encoder head, and sees the same 7 x 7 grid as the encoder's (each cell averages the
-level's finer features); a larger ``dec_grid`` (0: no pooling) gives the decoder heads a finer grid at a higher
-cost. The paper's FPN and FCN decoder outputs have 256 channels (at 1/4 and 1/16 of the input); the U-Net's
-finest level has 16, and ``ssl.levels`` can supervise a coarser, wider level instead.
+level's finer features); a larger ``dec_grid`` (``ssl.decoder.grid``; 0: no pooling) gives the decoder heads a
+finer grid at a higher cost. The paper's FPN and FCN decoder outputs have 256 channels (at 1/4 and 1/16 of the
+input); the U-Net's finest level has 16, and ``ssl.decoder.levels`` can supervise a coarser, wider level instead.
 
 Example:
     >>> method = build_method(load_config("configs/pretrain/decon_ml.yaml"))   # decon_med.ssl.build_method
@@ -33,11 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decon_med.config import MomentumSchedule
+from decon_med.config import MomentumSchedule, PretrainConfig
 from decon_med.distributed import shuffle_batch, unshuffle_batch
 from decon_med.errors import ConfigError
-from decon_med.models.network import features, level_channels
-from decon_med.ssl.base import SSLMethod
+from decon_med.models.network import build_network, features, level_channels
+from decon_med.ssl.base import SettingError, SSLMethod
 from decon_med.ssl.ema import cosine_momentum, frozen_copy, update_momentum
 
 #: Builds the head of one level: ``factory(in_channels, is_decoder) -> nn.Module``. The head is called as
@@ -80,12 +85,8 @@ class DeCon(SSLMethod):
         export_teacher: bool = False,
     ):
         super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"config key 'ssl.alpha': must be in [0, 1], got {alpha}")
-        if not 0.0 <= skip_dropout < 1.0:
-            raise ConfigError(f"config key 'ssl.skip_dropout': must be in [0, 1), got {skip_dropout}")
         if alpha == 0.0 and not levels:
-            raise ConfigError("config key 'ssl.alpha': 0 needs at least one decoder level in ssl.levels")
+            raise SettingError("alpha", "0 leaves no loss without a decoder level")
         enc_channels, dec_channels = level_channels(network, in_channels)
         self.levels = _resolve_levels(levels, len(dec_channels), type(network).__name__)
         self.alpha = alpha
@@ -211,11 +212,69 @@ def _resolve_levels(levels: Sequence[int], num_levels: int, arch: str) -> list[i
     resolved = []
     for level in levels:
         if not -num_levels <= level < num_levels:
-            raise ConfigError(
-                f"config key 'ssl.levels': level {level} is out of range for {arch} with {num_levels} decoder "
-                f"levels (use 0..{num_levels - 1} or -{num_levels}..-1)"
+            raise SettingError(
+                "levels",
+                f"level {level} is out of range for {arch} with {num_levels} decoder levels (use "
+                f"0..{num_levels - 1} or -{num_levels}..-1)",
             )
         resolved.append(level % num_levels)
     if len(set(resolved)) != len(resolved):
-        raise ConfigError(f"config key 'ssl.levels': {list(levels)} names the same level twice")
+        raise SettingError("levels", f"{list(levels)} names the same level twice")
     return resolved
+
+
+#: Config key of each :class:`DeCon` argument that :func:`build_decon` fills from the config.
+DECODER_KEYS: dict[str, str] = {
+    "levels": "ssl.decoder.levels",
+    "alpha": "ssl.decoder.alpha",
+    "skip_dropout": "ssl.decoder.skip_dropout",
+    "dec_grid": "ssl.decoder.grid",
+}
+
+
+def head_width(cfg: PretrainConfig, is_decoder: bool) -> int:
+    """Hidden width of a level's head: ``ssl.dim_hidden``, or ``ssl.decoder.dim_hidden`` on a decoder level when
+    it is set."""
+    width = cfg.ssl.decoder.dim_hidden
+    return width if is_decoder and width is not None else cfg.ssl.dim_hidden
+
+
+def build_decon(
+    cfg: PretrainConfig,
+    heads: HeadFactory,
+    export_teacher: bool | None = None,
+    shuffle_teacher_bn: bool = False,
+) -> DeCon:
+    """A per-level-head method of a config: the network of ``cfg.model``, one head of ``heads`` on the encoder's
+    last level and, with decoder supervision (``cfg.ssl.decoder``), on each supervised decoder level.
+
+    ``export_teacher`` is the method's choice for ``ssl.export_branch: auto`` (``None``: the registered method's
+    ``export``). An argument that does not fit the network is a :class:`~decon_med.errors.ConfigError` naming its key.
+
+    Example:
+        >>> method = build_decon(cfg, slotcon_heads(cfg))      # what the slotcon method's builder does
+    """
+    from decon_med.ssl import registry
+
+    s = cfg.ssl
+    if s.export_branch != "auto":
+        export_teacher = s.export_branch == "teacher"
+    elif export_teacher is None:
+        export_teacher = registry.get(s.method).export == "teacher"
+    network = build_network(cfg.model, in_channels=cfg.data.in_channels, classes=1)
+    try:
+        return DeCon(
+            network,
+            heads,
+            levels=s.decoder.levels,
+            alpha=s.decoder.alpha,
+            skip_dropout=s.decoder.skip_dropout,
+            dec_grid=s.decoder.grid,
+            in_channels=cfg.data.in_channels,
+            teacher_momentum=s.teacher_momentum,
+            momentum_schedule=s.momentum_schedule,
+            shuffle_teacher_bn=shuffle_teacher_bn,
+            export_teacher=export_teacher,
+        )
+    except SettingError as exc:
+        raise ConfigError(f"config key '{DECODER_KEYS.get(exc.setting, exc.setting)}': {exc}") from exc

@@ -14,9 +14,12 @@ view 2, as in the reference (the loss is not symmetrised, so each view runs thro
 
 The queues and the step counter are buffers, so they are saved in checkpoints and a resumed run continues exactly.
 Under torchrun the key encoder runs on a share of the global key batch shuffled across processes, as in the
-reference (MoCo's shuffle BN, ``ssl.shuffle_bn``); in one process its BatchNorm sees the whole key batch. DenseCL
-is :class:`decon_med.ssl.decon.DeCon` with these heads and no decoder level; DeCon-SL / DeCon-ML give decoder
-levels their own heads and queues.
+reference (MoCo's shuffle BN, ``ssl.densecl.shuffle_bn``); in one process its BatchNorm sees the whole key batch.
+
+This module is the ``densecl`` method: its settings (``ssl.densecl.*``, :class:`DenseCLSettings`), its heads
+(:func:`densecl_heads`) and its registration (it exports the student, DenseCL's query encoder). DenseCL is
+:class:`decon_med.ssl.decon.DeCon` with these heads and no decoder level; with ``ssl.decoder`` levels (DeCon-SL /
+DeCon-ML, the aliases ``decon_sl_densecl`` and ``decon_ml_densecl``) each level has its own heads and queues.
 
 Example:
     >>> head = DenseCLHead(in_channels=512, dim_hidden=2048, dim_out=128, queue_size=16384)
@@ -26,14 +29,24 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from decon_med.config import check, check_memory
 from decon_med.distributed import all_gather_no_grad
 from decon_med.ssl.base import full_precision
+from decon_med.ssl.decon import HeadFactory, build_decon, head_width
 from decon_med.ssl.ema import frozen_copy, update_momentum
 from decon_med.ssl.health import embedding_std
+from decon_med.ssl.registry import Alias, MethodSpec, register, register_alias
+
+if TYPE_CHECKING:
+    from decon_med.config import PretrainConfig
+    from decon_med.ssl.base import SSLMethod
 
 
 class DenseCLHead(nn.Module):
@@ -66,12 +79,6 @@ class DenseCLHead(nn.Module):
         warmup_steps: int = 0,
     ):
         super().__init__()
-        if queue_size < 1:
-            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0.0 <= dense_weight <= 1.0:
-            raise ValueError(f"dense_weight must be in [0, 1], got {dense_weight}")
         self.temperature = temperature
         self.dense_weight = dense_weight
         self.warmup_steps = warmup_steps
@@ -151,8 +158,8 @@ class DenseCLHead(nn.Module):
         if size < images_per_epoch:
             return []
         return [
-            f"ssl.queue_size {size} is not smaller than the {images_per_epoch} images of an epoch, so the queues "
-            "hold earlier keys of the very images they are contrasted with; use a queue below the epoch size "
+            f"ssl.densecl.queue_size {size} is not smaller than the {images_per_epoch} images of an epoch, so the "
+            "queues hold earlier keys of the very images they are contrasted with; use a queue below the epoch size "
             "(DenseCL's 65536 is for COCO's 118k images)"
         ]
 
@@ -218,3 +225,92 @@ def enqueue(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
     index = (ptr + torch.arange(len(keys), device=queue.device)) % size
     queue[:, index] = keys.t()
     ptr.copy_((ptr + len(keys)) % size)
+
+
+@dataclass
+class DenseCLSettings:
+    """DenseCL's own keys, the ``ssl.densecl`` section (the heads' widths are ``ssl.dim_hidden`` / ``ssl.dim_out``,
+    the key encoder's momentum ``ssl.teacher_momentum`` with ``ssl.momentum_schedule: constant``).
+
+    Attributes:
+        queue_size: negatives kept in each queue (65536 in DenseCL, 16384 in DeCon, both on COCO); keep it below
+            the images of one epoch (a warning says when it is not).
+        contrast_temp: InfoNCE temperature of the global and dense losses (0.2).
+        dense_weight: lambda in ``(1 - lambda) * global + lambda * dense`` (0.5).
+        dense_warmup_steps: lambda is held at 0 for this many optimiser steps (small datasets need it).
+        shuffle_bn: under torchrun, the key encoder sees the global batch, shuffled each step in an order shared
+            by every process (MoCo's shuffle BN), so BatchNorm statistics cannot tell which key matches a query;
+            no effect in one process.
+
+    Example:
+        >>> load_config(None, ["ssl.method=densecl", "ssl.densecl.queue_size=512"]).ssl.densecl.queue_size
+        512
+    """
+
+    queue_size: int = 65536
+    contrast_temp: float = 0.2
+    dense_weight: float = 0.5
+    dense_warmup_steps: int = 1000
+    shuffle_bn: bool = True
+
+    def validate(self) -> None:
+        check(self.queue_size >= 1, "ssl.densecl.queue_size", "must be >= 1")
+        check(self.contrast_temp > 0, "ssl.densecl.contrast_temp", "must be > 0")
+        check(0.0 <= self.dense_weight <= 1.0, "ssl.densecl.dense_weight", "must be in [0, 1]")
+        check(self.dense_warmup_steps >= 0, "ssl.densecl.dense_warmup_steps", "must be >= 0")
+
+
+def check_queues(cfg: PretrainConfig) -> None:
+    """The queues of every head (a global and a dense one on the encoder and on each decoder level) must fit in
+    this machine's memory."""
+    s = cfg.ssl
+    heads = 1 + len(s.decoder.levels)
+    size = s.settings.queue_size
+    check_memory(
+        "ssl.densecl.queue_size",
+        2 * heads * size * s.dim_out * 4,
+        f"the DenseCL queues ({heads} head(s) x 2 queues x {size:,} x ssl.dim_out {s.dim_out} x 4 bytes)",
+    )
+
+
+def densecl_heads(cfg: PretrainConfig) -> HeadFactory:
+    """A :class:`DenseCLHead` per level, from ``ssl.densecl`` and the shared head widths.
+
+    Example:
+        >>> head = densecl_heads(cfg)(512, False)      # the encoder level's head of a ResNet-18
+    """
+    s: DenseCLSettings = cfg.ssl.settings
+
+    def factory(in_channels: int, is_decoder: bool) -> DenseCLHead:
+        return DenseCLHead(
+            in_channels,
+            dim_hidden=head_width(cfg, is_decoder),
+            dim_out=cfg.ssl.dim_out,
+            queue_size=s.queue_size,
+            temperature=s.contrast_temp,
+            dense_weight=s.dense_weight,
+            warmup_steps=s.dense_warmup_steps,
+        )
+
+    return factory
+
+
+def build_densecl(cfg: PretrainConfig) -> SSLMethod:
+    """The ``densecl`` method of a config (with ``ssl.decoder`` levels: DeCon-SL / DeCon-ML around DenseCL)."""
+    return build_decon(cfg, densecl_heads(cfg), shuffle_teacher_bn=cfg.ssl.settings.shuffle_bn)
+
+
+register(
+    MethodSpec(
+        "densecl",
+        DenseCLSettings,
+        build_densecl,
+        summary="DenseCL: global + dense InfoNCE against two queues",
+        export="student",
+        decoder=True,
+        check=check_queues,
+        config="pretrain/densecl",
+    )
+)
+register_alias(Alias("decon_sl_densecl", "densecl", "sl", config="pretrain/decon_sl_densecl"))
+register_alias(Alias("decon_ml_densecl", "densecl", "ml", config="pretrain/decon_ml_densecl"))

@@ -12,6 +12,10 @@ Only the first view of a pre-training batch is used: it is already a random resi
 augmentation GLID takes from MAE; set ``augment.color: false`` to leave out the colour changes), so the loader's
 second view is decoded but not used.
 
+This module is the ``mim`` method: its settings (``ssl.mim.*``, :class:`MIMSettings`), its builder and its
+registration (no teacher: the student is exported; the decoder is pre-trained by the method itself, so it takes no
+``ssl.decoder`` supervision).
+
 Example:
     >>> method = build_mim(load_config("configs/pretrain/mim.yaml", ["model.encoder=resnet18"]))
     >>> out = method(batch)                   # {"loss", "masked_fraction"}
@@ -20,15 +24,17 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decon_med.config import MaskFill, PretrainConfig
-from decon_med.errors import ConfigError
+from decon_med.config import MaskFill, PretrainConfig, check
 from decon_med.models.network import build_network
-from decon_med.ssl.base import SSLMethod
+from decon_med.ssl.base import SettingError, SSLMethod
 from decon_med.ssl.health import embedding_std
+from decon_med.ssl.registry import MethodSpec, register
 
 
 class MaskedImageModeling(SSLMethod):
@@ -53,12 +59,6 @@ class MaskedImageModeling(SSLMethod):
         norm_pix_loss: bool = True,
     ):
         super().__init__()
-        if not 0.0 < mask_ratio < 1.0:
-            raise ConfigError(f"config key 'ssl.mask_ratio': must be in (0, 1), got {mask_ratio}")
-        if mask_patch < 1:
-            raise ConfigError(f"config key 'ssl.mask_patch': must be >= 1, got {mask_patch}")
-        if mask_fill not in ("token", "zero"):
-            raise ConfigError(f"config key 'ssl.mask_fill': must be token or zero, got {mask_fill!r}")
         self.network = network
         self.mask_ratio = mask_ratio
         self.mask_patch = mask_patch
@@ -88,7 +88,7 @@ class MaskedImageModeling(SSLMethod):
         b, _, h, w = image.shape
         p = self.mask_patch
         if h % p or w % p:
-            raise ConfigError(f"config key 'ssl.mask_patch': {p} does not divide the input size {h} x {w}")
+            raise SettingError("mask_patch", f"mask patch {p} does not divide the input size {h} x {w}")
         grid_h, grid_w = h // p, w // p
         n = grid_h * grid_w
         keep_masked = round(self.mask_ratio * n)
@@ -149,13 +149,48 @@ def _decoder_output_shape(network: nn.Module, in_channels: int) -> tuple[int, in
     return out.shape[1], 64 // out.shape[-1]
 
 
+@dataclass
+class MIMSettings:
+    """Masked image modelling's own keys, the ``ssl.mim`` section.
+
+    Attributes:
+        mask_ratio: fraction of patches masked (0.75).
+        mask_patch: side of a masked patch in pixels (must divide data.image_size).
+        mask_fill: masked patches are replaced by a learnable ``token`` or by ``zero``.
+        norm_pix_loss: targets normalised per patch (mean 0, std 1) before the loss (MAE: better features).
+
+    Example:
+        >>> load_config(None, ["ssl.method=mim", "ssl.mim.mask_patch=16"]).ssl.mim.mask_patch
+        16
+    """
+
+    mask_ratio: float = 0.75
+    mask_patch: int = 32
+    mask_fill: MaskFill = "token"
+    norm_pix_loss: bool = True
+
+    def validate(self) -> None:
+        check(0.0 < self.mask_ratio < 1.0, "ssl.mim.mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
+        check(self.mask_patch >= 1, "ssl.mim.mask_patch", "must be >= 1")
+
+
+def check_patch(cfg: PretrainConfig) -> None:
+    """``ssl.mim.mask_patch`` must divide ``data.image_size`` (every input is cut into whole patches)."""
+    patch = cfg.ssl.settings.mask_patch
+    check(
+        cfg.data.image_size % patch == 0,
+        "ssl.mim.mask_patch",
+        f"must divide data.image_size ({cfg.data.image_size}), got {patch}",
+    )
+
+
 def build_mim(cfg: PretrainConfig) -> MaskedImageModeling:
     """The masked-image-modelling method of a pre-training config (``ssl.method: mim``).
 
     Example:
         >>> method = build_mim(load_config("configs/pretrain/mim.yaml"))
     """
-    s = cfg.ssl
+    s: MIMSettings = cfg.ssl.settings
     return MaskedImageModeling(
         build_network(cfg.model, in_channels=cfg.data.in_channels, classes=1),
         in_channels=cfg.data.in_channels,
@@ -164,3 +199,18 @@ def build_mim(cfg: PretrainConfig) -> MaskedImageModeling:
         mask_fill=s.mask_fill,
         norm_pix_loss=s.norm_pix_loss,
     )
+
+
+register(
+    MethodSpec(
+        "mim",
+        MIMSettings,
+        build_mim,
+        summary="GLID-style masked image modelling: the encoder-decoder reconstructs masked patches",
+        export="student",
+        teacher=False,
+        trains_decoder=True,
+        check=check_patch,
+        config="pretrain/mim",
+    )
+)

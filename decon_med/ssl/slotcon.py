@@ -10,7 +10,11 @@ feature maps of two views:
   for prototypes that own at least one pixel in both views, scaled by ``2 * tau``;
 
 ``loss = w * group + (1 - w) * slot``, summed over both directions (1 -> 2 and 2 -> 1), as in the reference.
-The encoder-only SlotCon method is :class:`decon_med.ssl.decon.DeCon` with no decoder level.
+
+This module is the ``slotcon`` method: its settings (``ssl.slotcon.*``, :class:`SlotConSettings`), its heads
+(:func:`slotcon_heads`) and its registration (it exports the EMA teacher, as SlotCon's reference transfers its
+momentum encoder). The method is :class:`decon_med.ssl.decon.DeCon` with these heads: no decoder level for SlotCon,
+decoder levels with ``ssl.decoder`` (DeCon-SL / DeCon-ML; the aliases ``decon_sl`` and ``decon_ml``).
 
 Example:
     >>> head = SlotConHead(in_channels=512, num_prototypes=256, dim_hidden=1024, dim_out=256)
@@ -20,16 +24,26 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
+from decon_med.config import check
 from decon_med.distributed import all_gather_no_grad, all_reduce_mean, all_reduce_sum, rank, world_size
 from decon_med.models.heads import MLP, MLP2d, SemanticGrouping
 from decon_med.ssl.base import full_precision
+from decon_med.ssl.decon import HeadFactory, build_decon, head_width
 from decon_med.ssl.ema import frozen_copy, update_momentum
 from decon_med.ssl.health import assignment_health, embedding_std
+from decon_med.ssl.registry import Alias, MethodSpec, register, register_alias
+
+if TYPE_CHECKING:
+    from decon_med.config import PretrainConfig
+    from decon_med.ssl.base import SSLMethod
 
 
 def align_to_overlap(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
@@ -83,10 +97,6 @@ class SlotConHead(nn.Module):
         slot_temp: float = 0.2,
     ):
         super().__init__()
-        if not 0.0 <= group_loss_weight <= 1.0:
-            raise ValueError(f"group_loss_weight must be in [0, 1], got {group_loss_weight}")
-        if min(teacher_temp, student_temp, slot_temp) <= 0:
-            raise ValueError("temperatures must be > 0")
         self.teacher_temp = teacher_temp
         self.student_temp = student_temp
         self.center_momentum = center_momentum
@@ -192,3 +202,82 @@ def _owned_prototypes(scores: torch.Tensor) -> torch.Tensor:
     owner = scores.argmax(dim=1)  # (B, h, w)
     owned = torch.zeros(scores.shape[:2], dtype=torch.bool, device=scores.device)
     return owned.scatter_(1, owner.flatten(1), True)
+
+
+@dataclass
+class SlotConSettings:
+    """SlotCon's own keys, the ``ssl.slotcon`` section (the heads' widths are ``ssl.dim_hidden`` / ``ssl.dim_out``).
+
+    Attributes:
+        num_prototypes: prototypes K of the encoder level's head (SlotCon 256).
+        num_prototypes_dec: prototypes of each supervised decoder level's head (DeCon: 256 or 384).
+        teacher_temp: teacher softmax temperature of the prototype scores, also the grouping temperature (0.07).
+        student_temp: student softmax temperature (0.1).
+        center_momentum: EMA momentum of the teacher centre (0.9).
+        group_loss_weight: weight of the grouping (self-distillation) loss vs the slot contrastive loss (0.5).
+        slot_temp: temperature of the slot InfoNCE loss (0.2).
+
+    Example:
+        >>> load_config(None, ["ssl.method=slotcon", "ssl.slotcon.teacher_temp=0.04"]).ssl.slotcon.teacher_temp
+        0.04
+    """
+
+    num_prototypes: int = 256
+    num_prototypes_dec: int = 256
+    teacher_temp: float = 0.07
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    group_loss_weight: float = 0.5
+    slot_temp: float = 0.2
+
+    def validate(self) -> None:
+        for key in ("num_prototypes", "num_prototypes_dec"):
+            check(getattr(self, key) >= 1, f"ssl.slotcon.{key}", "must be >= 1")
+        for key in ("teacher_temp", "student_temp", "slot_temp"):
+            check(getattr(self, key) > 0, f"ssl.slotcon.{key}", "must be > 0")
+        check(0.0 <= self.center_momentum < 1.0, "ssl.slotcon.center_momentum", "must be in [0, 1)")
+        check(0.0 <= self.group_loss_weight <= 1.0, "ssl.slotcon.group_loss_weight", "must be in [0, 1]")
+
+
+def slotcon_heads(cfg: PretrainConfig) -> HeadFactory:
+    """A :class:`SlotConHead` per level, from ``ssl.slotcon`` and the shared head widths.
+
+    Example:
+        >>> head = slotcon_heads(cfg)(512, False)      # the encoder level's head of a ResNet-18
+    """
+    s: SlotConSettings = cfg.ssl.settings
+
+    def factory(in_channels: int, is_decoder: bool) -> SlotConHead:
+        return SlotConHead(
+            in_channels,
+            num_prototypes=s.num_prototypes_dec if is_decoder else s.num_prototypes,
+            dim_hidden=head_width(cfg, is_decoder),
+            dim_out=cfg.ssl.dim_out,
+            teacher_temp=s.teacher_temp,
+            student_temp=s.student_temp,
+            center_momentum=s.center_momentum,
+            group_loss_weight=s.group_loss_weight,
+            slot_temp=s.slot_temp,
+        )
+
+    return factory
+
+
+def build_slotcon(cfg: PretrainConfig) -> SSLMethod:
+    """The ``slotcon`` method of a config (with ``ssl.decoder`` levels: DeCon-SL / DeCon-ML)."""
+    return build_decon(cfg, slotcon_heads(cfg))
+
+
+register(
+    MethodSpec(
+        "slotcon",
+        SlotConSettings,
+        build_slotcon,
+        summary="SlotCon: prototype self-distillation + slot InfoNCE on the encoder's last level",
+        export="teacher",
+        decoder=True,
+        config="pretrain/slotcon",
+    )
+)
+register_alias(Alias("decon_sl", "slotcon", "sl", config="pretrain/decon_sl"))
+register_alias(Alias("decon_ml", "slotcon", "ml", config="pretrain/decon_ml"))

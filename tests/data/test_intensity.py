@@ -104,7 +104,7 @@ def test_contradicting_modality_is_one_warning_line(tmp_path: Path, caplog):
     (record,) = caplog.records
     assert record.getMessage().startswith(f"warning: {mr_as_ct}: declared ct but no intensity below -200")
     assert "\n" not in record.getMessage() and len(stats["warnings"]) == 1
-    assert contradiction(_ct(), "mr").startswith("declared mr but the 0.5th percentile is -1000")
+    assert contradiction(_ct(), "mr").startswith("declared mr but 61 % near -1000 HU")
     assert contradiction(_ct(), "ct") is None and contradiction(_mr(), "mr") is None
 
 

@@ -37,7 +37,7 @@ def _groups(items: list[dict]) -> set[str]:
 
 
 def test_nnunet_raw_splits_channels_and_classes(nnunet: Path):
-    layout = get_layout(_data("nnunet", nnunet, in_channels=3, channels=[1, 0], num_folds=3, fold=1))
+    layout = get_layout(_data("nnunet", nnunet, in_channels=2, channels=[1, 0], num_folds=3, fold=1))
     assert layout.class_names == ("background", "organ", "lesion") and layout.num_classes == 3
     train, val, test = (layout.items(s) for s in ("train", "val", "test"))
     assert _groups(test) == {"test_000", "test_001"}  # imagesTs + labelsTs is the test split
@@ -53,8 +53,13 @@ def test_nnunet_raw_splits_channels_and_classes(nnunet: Path):
     # channel 1 holds twice channel 0's intensities: after the per-file percentile clip both look alike
     np.testing.assert_allclose(one["image"].numpy(), other["image"].numpy(), atol=1e-4)
     three = _data("nnunet", nnunet, in_channels=3)
+    with pytest.raises(
+        DataError, match=r"dataset.json: gives 2 input channels \(MR0, MR1\) but data.in_channels is 3"
+    ):
+        get_layout(three).items("val")
+    item = get_layout(_data("nnunet", nnunet, in_channels=2)).items("val")[0]
     with pytest.raises(DataError, match="_0000.nii.gz: gives 2 channels"):
-        load_slice(get_layout(three).items("val")[0], slice_options(three))
+        load_slice(item, slice_options(three))
 
 
 def test_kfold_is_seeded_deterministic_and_partitions():

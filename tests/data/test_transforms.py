@@ -193,8 +193,9 @@ def test_identity_normalisation_and_defaults():
     assert len(mean) == len(std) == 1
     with pytest.raises(ValueError, match="modality"):
         default_normalisation(3, "xray")
+    assert default_normalisation(2, "gray") == ((0.449, 0.449), (0.226, 0.226))  # C channels: grey statistics
     with pytest.raises(ValueError, match="in_channels"):
-        default_normalisation(2, "gray")
+        default_normalisation(0, "gray")
     with pytest.raises(ValueError, match="mean and std"):
         TwoViewTransform(16, in_channels=1, mean=(0, 0, 0), std=(1, 1, 1))
 
@@ -363,7 +364,9 @@ def test_blur_sigma_scales_with_the_view_size():
     from decon_med.data.transforms import blur_sigma_for
 
     def sigma(t: TwoViewTransform, view: int, colour: bool = False) -> tuple[float, float]:
-        blur = next(op for op in t._pipelines[colour][view - 1].transforms if type(op).__name__ == "GaussianBlur")
+        blur = next(
+            op for op in t._pipelines[colour][view - 1].transforms if type(op).__name__ == "GaussianBlur"
+        )
         return tuple(blur.sigma_limit)
 
     assert blur_sigma_for(224) == pytest.approx((0.1, 2.0))

@@ -144,8 +144,8 @@ def _scripted_validation(monkeypatch, mious: list[float]) -> list[int]:
     real = finetune_module.validate
     seen: list[int] = []
 
-    def scripted(network, cfg, classes):
-        metrics = real(network, cfg, classes)
+    def scripted(network, cfg, classes, case_dice=False):
+        metrics = real(network, cfg, classes, case_dice)
         seen.append(len(seen))
         return {**metrics, "mIoU": mious[len(seen) - 1]}
 
@@ -167,7 +167,7 @@ def test_best_checkpoint_is_the_highest_val_miou(data, tmp_path, monkeypatch):
     assert all(torch.equal(v, numbered["network"][k]) for k, v in best["network"].items())
     last = load_checkpoint(out / "last.ckpt")
     assert not torch.equal(best["network"]["encoder.conv1.weight"], last["network"]["encoder.conv1.weight"])
-    assert last["best"] == {"iter": 4, "mIoU": 0.7}
+    assert last["best"] == {"iter": 4, "mIoU": 0.7, "metric": "miou", "score": 0.7}  # 2D images: auto is miou
 
 
 def test_select_last(data, tmp_path, monkeypatch):
@@ -245,10 +245,10 @@ def test_kill_and_resume_is_bit_exact(data, reference, tmp_path, monkeypatch, ki
     else:
         real = finetune_module.validate
 
-        def crash_at_6(network, cfg, classes):
+        def crash_at_6(network, cfg, classes, case_dice=False):
             if int(read_csv(out / "metrics.csv")[-1]["step"]) == 6:
                 raise RuntimeError("simulated crash")
-            return real(network, cfg, classes)
+            return real(network, cfg, classes, case_dice)
 
         monkeypatch.setattr(finetune_module, "validate", crash_at_6)
         with pytest.raises(RuntimeError, match="simulated crash"):

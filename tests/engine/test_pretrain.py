@@ -264,13 +264,13 @@ def test_resume_checks_the_config_and_may_extend_epochs(isic, tmp_path):
 def test_a_key_newer_than_the_saved_run_is_no_difference_at_its_default(tmp_path):
     defaults = to_dict(PretrainConfig())
     saved = copy.deepcopy(defaults)
-    del saved["ssl"]["shuffle_bn"]  # a run written before the key existed
+    del saved["ssl"]["decoder"]["grid"]  # a run written before the key existed
     check_resumable(saved, defaults, tmp_path, defaults=defaults)
     changed = copy.deepcopy(defaults)
-    changed["ssl"]["shuffle_bn"] = False
-    with pytest.raises(DeconError, match=r"ssl\.shuffle_bn \(None -> False\)"):
+    changed["ssl"]["decoder"]["grid"] = 3
+    with pytest.raises(DeconError, match=r"ssl\.decoder\.grid \(None -> 3\)"):
         check_resumable(saved, changed, tmp_path, defaults=defaults)
-    with pytest.raises(DeconError, match=r"ssl\.shuffle_bn \(None -> True\)"):
+    with pytest.raises(DeconError, match=r"ssl\.decoder\.grid \(None -> 7\)"):
         check_resumable(saved, defaults, tmp_path)  # without defaults a missing key is a difference
 
 
@@ -349,6 +349,7 @@ def test_export_loads_into_fresh_smp_models(reference, tmp_path):
         "arch": "unet",
         "encoder": "resnet18",
         "in_channels": 3,
+        "channel_names": None,  # the data names no channels (an RGB folder)
         "classes": 1,
         "branch": "student",
         "source": str(ckpt.resolve()),

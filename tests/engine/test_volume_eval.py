@@ -19,7 +19,7 @@ from decon_med.data.synthetic import make_folder
 from decon_med.engine.checkpoint import save_checkpoint
 from decon_med.engine.evaluate import evaluate
 from decon_med.engine.model_io import segmentation_state
-from decon_med.engine.volume_metrics import case_scores, mean_scores
+from decon_med.engine.volume_metrics import METRICS, case_scores, summarise
 from decon_med.models.network import build_network
 
 CLASSES = 3
@@ -51,16 +51,18 @@ def test_case_scores_match_monai_with_anisotropic_spacing():
         np.testing.assert_allclose(got[metric], want[metric], rtol=1e-6)
     # the spacing matters: the same volumes on a 1 mm grid give another HD95
     assert not np.allclose(case_scores(prediction, truth, CLASSES, (1.0, 1.0, 1.0))["hd95"], got["hd95"])
-    # a class missing from the ground truth is NaN, never a silent 0 or 1
-    assert math.isnan(case_scores(prediction, np.where(truth == 2, 0, truth), CLASSES, spacing)["dice"][1])
+    # a class missing from the ground truth but predicted is a false positive: Dice 0, never NaN or 1
+    assert case_scores(prediction, np.where(truth == 2, 0, truth), CLASSES, spacing)["dice"][1] == 0.0
 
 
-def test_mean_scores_skip_nan_and_inf():
+def test_summary_counts_what_it_leaves_out():
     rows = [
-        {"case": "a", "dice_x": 0.5, "hd95_x": float("inf")},
-        {"case": "b", "dice_x": float("nan"), "hd95_x": 2.0},
+        {"case": "a", "dice_x": 0.5, "hd95_x": float("inf"), "empty_x": "none"},
+        {"case": "b", "dice_x": float("nan"), "hd95_x": 2.0, "empty_x": "both"},
     ]
-    assert mean_scores(rows) == {"dice_x": 0.5, "hd95_x": 2.0}
+    summary = summarise(rows, ["x"])["x"]
+    assert summary["dice"] == {"n": 1, "N": 2, "mean": 0.5, "sd": summary["dice"]["sd"], "median": 0.5}
+    assert math.isnan(summary["dice"]["sd"]) and summary["hd95"]["n"] == 1 and summary["empty"]["both"] == 1
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +104,7 @@ def test_per_case_csv_matches_monai_on_saved_nifti_predictions(volume_run, tmp_p
     assert metrics["per_case"]["n_cases"] == len(test_ids)
     names = ["class1", "class2"]
     assert list(rows[0]) == ["case", "image", "label"] + [
-        f"{m}_{n}" for n in names for m in ("dice", "iou", "hd95")
+        f"{m}_{n}" for n in names for m in (*METRICS, "empty")
     ]
     for row in rows:
         image = nib.load(data / "images" / f"{row['case']}.nii.gz")
@@ -112,11 +114,24 @@ def test_per_case_csv_matches_monai_on_saved_nifti_predictions(volume_run, tmp_p
         truth = np.asarray(nib.load(data / "masks" / f"{row['case']}.nii.gz").dataobj).astype(np.int64)
         want = _monai(prediction, truth, [float(z) for z in image.header.get_zooms()[:3]])
         for c, name in enumerate(names):
+            if row[f"empty_{name}"] != "none":  # MONAI's own NaN / inf: the rules of volume_metrics apply
+                continue
             for metric in ("dice", "iou", "hd95"):
                 np.testing.assert_allclose(float(row[f"{metric}_{name}"]), want[metric][c], rtol=1e-5)
+    record = json.loads((tmp_path / "metrics_test.json").read_text())["per_case"]
+    assert (
+        record["n_cases"] == 1 and record["surface_tolerance_mm"] == 2.0 and "both_empty" in record["rules"]
+    )
+    assert set(record["classes"]) == set(names) and set(record["classes"]["class1"]["dice"]) == {
+        "n",
+        "N",
+        "mean",
+        "sd",
+        "median",
+    }
     out = capsys.readouterr().out
     assert out.startswith("evaluate: folder data at ")
-    assert "per case (1 cases, mean)" in out
+    assert "per case (3D, 1 cases)" in out and "post-processing: none (no postprocessing.json)" in out
     assert not list((tmp_path / "predictions_test").glob("*.png"))  # volumes, not slice PNGs
 
 

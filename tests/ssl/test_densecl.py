@@ -128,7 +128,7 @@ def test_a_queue_as_large_as_an_epoch_is_reported_once():
     )
     assert method.check_data(17) == []
     (message,) = method.check_data(16)  # three heads hold such a queue: one warning
-    assert "ssl.queue_size 16" in message and "16 images" in message
+    assert "ssl.densecl.queue_size 16" in message and "16 images" in message
 
 
 def test_exported_decon_densecl_weights_load_into_smp(isic, tmp_path, capsys):  # noqa: F811
@@ -137,7 +137,7 @@ def test_exported_decon_densecl_weights_load_into_smp(isic, tmp_path, capsys):  
     pretrain(
         cfg_for(isic, tmp_path / "big", "decon_sl_densecl", "ssl.queue_size=8"), progress=False, max_steps=1
     )
-    assert "warning: ssl.queue_size 8 is not smaller than the 8 images" in capsys.readouterr().err
+    assert "warning: ssl.densecl.queue_size 8 is not smaller than the 8 images" in capsys.readouterr().err
     files = export(run / "last.ckpt", tmp_path / "export")
     model = smp.create_model("unet", encoder_name="resnet18", encoder_weights=None, classes=2)
     result = model.load_state_dict(load_file(files["encoder_decoder"]), strict=False)

@@ -124,7 +124,9 @@ def test_mim_has_no_teacher_to_export():
 
 def test_cli_bad_pretrain_config_is_one_line(tmp_path, capsys):
     config = tmp_path / "cfg.yaml"
-    config.write_text("ssl: {method: decon_ml, alpha: 0.5, levels: [0, 9]}\nmodel: {encoder: resnet18}\n")
+    config.write_text(
+        "ssl: {method: slotcon, decoder: {preset: ml, alpha: 0.5, levels: [0, 9]}}\nmodel: {encoder: resnet18}\n"
+    )
     assert main(["pretrain", str(config), f"out_dir={tmp_path / 'x'}", "data.root=/nowhere"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: ")

@@ -197,13 +197,13 @@ def test_loss_falls_when_overfitting_one_batch(method_name):
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
-        (["ssl.method=byol"], "config key 'ssl.method': 'byol' is not one of"),
+        (["ssl.method=byol"], "config key 'ssl.method': unknown method 'byol'"),
         (["ssl.method=decon_ml", "ssl.alpha=0.5", "ssl.levels=[0, 7]"], "level 7 is out of range for Unet"),
-        (["ssl.method=decon_ml", "ssl.alpha=0.5", "ssl.skip_dropout=1.0"], "ssl.skip_dropout"),
-        (["ssl.method=decon_ml", "ssl.alpha=0.5", "ssl.skip_dropout=-0.1"], "ssl.skip_dropout"),
-        (["ssl.method=decon_sl", "ssl.alpha=1.0"], "config key 'ssl.alpha': must be < 1"),
+        (["ssl.method=decon_ml", "ssl.alpha=0.5", "ssl.skip_dropout=1.0"], "ssl.decoder.skip_dropout"),
+        (["ssl.method=decon_ml", "ssl.alpha=0.5", "ssl.skip_dropout=-0.1"], "ssl.decoder.skip_dropout"),
+        (["ssl.method=decon_sl", "ssl.alpha=1.0"], "config key 'ssl.decoder.alpha': must be < 1"),
         (["ssl.method=decon_sl", "ssl.alpha=0.5", "ssl.levels=[0, 1]"], "exactly one decoder level"),
-        (["ssl.method=slotcon", "ssl.skip_dropout=0.5"], "ssl.skip_dropout"),
+        (["ssl.method=slotcon", "ssl.skip_dropout=0.5"], "ssl.decoder.skip_dropout"),
         (["ssl.method=decon_ml", "ssl.alpha=0.5", "ssl.levels=[1, -4]"], "names the same level twice"),
     ],
 )
