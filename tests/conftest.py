@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one torch thread per worker, never N x cores threads
+    torch.set_num_threads(1)
 
 from decon_med.config import Config, DataConfig, FinetuneConfig
 from decon_med.data.synthetic import make_folder, make_isic, make_nifti, make_refuge
