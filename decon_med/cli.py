@@ -21,6 +21,7 @@ from decon_med import __version__, distributed
 from decon_med.cli_args import ANY_ORDER, SubcommandParser, positive_int, seed_int
 from decon_med.cli_configs import add_commands as add_configs_commands
 from decon_med.cli_cost import add_commands as add_cost_commands
+from decon_med.cli_cv import add_commands as add_cv_commands
 from decon_med.cli_experiment import add_commands as add_experiment_commands
 from decon_med.cli_finetune import add_commands as add_finetune_commands
 from decon_med.cli_import import add_commands as add_import_commands
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_commands(sub)
     add_import_commands(sub)
     add_finetune_commands(sub)
+    add_cv_commands(sub)
     add_predict_commands(sub)
     add_experiment_commands(sub)
     add_cost_commands(sub)
