@@ -44,8 +44,9 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decoder_factors import collect, factor_grid_config, paired, row_summary  # noqa: E402
+from decoder_factors import _diff, _pct, collect, factor_grid_config, paired, row_summary  # noqa: E402
 from validity import (  # noqa: E402
+    FINETUNE_COMMON,
     QUICK,
     REPO,
     health_summary,
@@ -112,6 +113,19 @@ def pretrain_overrides(out: Path, classes: tuple[str, ...]) -> list[str]:
     return [f"data.image_size={SIZE}", f"probe.size={SIZE}", f"probe.num_classes={len(classes)}"]
 
 
+def finetune_recipe(classes: tuple[str, ...], arch: str) -> list[str]:
+    """The validity study's fine-tuning overrides (:data:`validity.FINETUNE_COMMON`, in its order) with this
+    study's view size, the task's classes and the network ``arch`` in place of the texture task's 64-px U-Net."""
+    task = {
+        "data.image_size": SIZE,
+        "data.num_classes": len(classes),
+        "data.class_names": f"[{', '.join(classes)}]",
+        "model.arch": arch,
+    }
+    recipe = [item.split("=", 1) for item in FINETUNE_COMMON]
+    return [f"{key}={task[key]}" if key in task else f"{key}={value}" for key, value in recipe]
+
+
 def grid_config(out: Path, export: Path, classes: tuple[str, ...], size: dict, arch: str = "unet"):
     """The base grid: random, DeCon encoder and encoder + decoder, one network (``arch``) at 96 px for every
     row."""
@@ -120,20 +134,7 @@ def grid_config(out: Path, export: Path, classes: tuple[str, ...], size: dict, a
         "name": "base",
         "finetune": str(REPO / "configs" / "finetune" / "folder.yaml"),
         "overrides": [
-            f"data.image_size={SIZE}",
-            "data.num_workers=0",
-            f"data.num_classes={len(classes)}",
-            f"data.class_names=[{', '.join(classes)}]",
-            f"model.arch={arch}",
-            "model.encoder=resnet18",
-            "train.batch_size=8",
-            "train.optimizer=sgd",
-            "train.lr=0.01",
-            "train.momentum=0.9",
-            "train.weight_decay=0.0005",
-            "train.log_every=25",
-            "train.loss=ce",
-            "train.select=best",
+            *finetune_recipe(classes, arch),
             f"data.root={out / 'data' / 'labeled'}",
             f"train.iters={size['finetune_iters']}",
             f"train.val_every={size['val_every']}",
@@ -259,17 +260,6 @@ def choose(textures: dict) -> dict:
         "rule": "highest pooled val mIoU difference to random on textures",
         "val_vs_random": pooled,
     }
-
-
-def _pct(f) -> str:
-    return f"{float(f) * 100:g} %"
-
-
-def _diff(d: dict) -> str:
-    if not d.get("n_pairs"):
-        return ""
-    ci = "" if d.get("ci_low") is None else f" [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
-    return f"{d['mean_diff']:+.2f}{ci} ({d['n_better']}/{d['n_pairs']})"
 
 
 def markdown(result: dict, chosen: str | None) -> str:
