@@ -37,9 +37,9 @@ from typing import NamedTuple
 import numpy as np
 from scipy.ndimage import binary_erosion, gaussian_filter
 
-from decon_med.data.synthetic import _prepare_out, _save_image
+from decon_med.data.synthetic import _save_image
+from decon_med.data.synthetic_textures import check_task_sizes, task_folder
 from decon_med.folders import atomic_write
-from decon_med.folders import make_folder as _mkdir
 
 __all__ = ["ANATOMY_SIZE", "CLASS_NAMES", "NOISE_SD", "AnatomyVolume", "anatomy_volume", "make_anatomy"]
 
@@ -313,16 +313,10 @@ def make_anatomy(
         >>> make_anatomy("data/anatomy_small", n_unlabeled=40, n_labeled=24, size=64)
         {'unlabeled': 40, 'train': 12, 'val': 4, 'test': 8}
     """
-    if n_labeled < 6:
-        raise ValueError(f"n_labeled must be at least 6, got {n_labeled}")
-    if n_unlabeled < 0:
-        raise ValueError(f"n_unlabeled must be >= 0, got {n_unlabeled}")
+    check_task_sizes(n_unlabeled, n_labeled)
     if size < _MIN_SIZE:
         raise ValueError(f"size must be at least {_MIN_SIZE}, got {size}")
-    root = _prepare_out(out, overwrite)
-    _mkdir(root / "unlabeled")
-    _mkdir(root / "labeled" / "images")
-    _mkdir(root / "labeled" / "masks")
+    root, counts = task_folder(out, overwrite, n_labeled)
 
     rng = np.random.default_rng(seed)
     written = 0
@@ -334,8 +328,6 @@ def make_anatomy(
             _save_image(vol.image[:, :, z], "L", root / "unlabeled" / f"img_{written:04d}.png")
             written += 1
 
-    n_val, n_test = max(1, round(n_labeled / 6)), max(1, round(n_labeled / 3))
-    counts = {"train": n_labeled - n_val - n_test, "val": n_val, "test": n_test}
     splits: dict[str, list[str]] = {}
     v = 0
     for split, count in counts.items():

@@ -92,6 +92,30 @@ def texture_image(rng: np.random.Generator, size: int = TEXTURE_SIZE) -> tuple[n
     return np.repeat(grey[..., None], 3, axis=2), mask
 
 
+def check_task_sizes(n_unlabeled: int, n_labeled: int) -> None:
+    """Refuse image counts a task folder cannot be split from (at least 6 labelled images, no negative count)."""
+    if n_labeled < 6:
+        raise ValueError(f"n_labeled must be at least 6, got {n_labeled}")
+    if n_unlabeled < 0:
+        raise ValueError(f"n_unlabeled must be >= 0, got {n_unlabeled}")
+
+
+def task_folder(out: str | Path, overwrite: bool, n_labeled: int) -> tuple[Path, dict[str, int]]:
+    """The marked task folder with ``unlabeled/``, ``labeled/images/`` and ``labeled/masks/``, and the labelled
+    images per split (train / val / test about 50 / 17 / 33 %), shared by the synthetic task generators.
+
+    Example:
+        >>> task_folder("data/textures", False, 96)[1]
+        {'train': 48, 'val': 16, 'test': 32}
+    """
+    root = _prepare_out(out, overwrite)
+    _mkdir(root / "unlabeled")
+    _mkdir(root / "labeled" / "images")
+    _mkdir(root / "labeled" / "masks")
+    n_val, n_test = max(1, round(n_labeled / 6)), max(1, round(n_labeled / 3))
+    return root, {"train": n_labeled - n_val - n_test, "val": n_val, "test": n_test}
+
+
 def make_textures(
     out: str | Path,
     n_unlabeled: int = 600,
@@ -113,14 +137,8 @@ def make_textures(
     Returns:
         Number of images per part.
     """
-    if n_labeled < 6:
-        raise ValueError(f"n_labeled must be at least 6, got {n_labeled}")
-    if n_unlabeled < 0:
-        raise ValueError(f"n_unlabeled must be >= 0, got {n_unlabeled}")
-    root = _prepare_out(out, overwrite)
-    _mkdir(root / "unlabeled")
-    _mkdir(root / "labeled" / "images")
-    _mkdir(root / "labeled" / "masks")
+    check_task_sizes(n_unlabeled, n_labeled)
+    root, counts = task_folder(out, overwrite, n_labeled)
 
     rng = np.random.default_rng(seed)
     for i in range(n_unlabeled):
@@ -131,11 +149,11 @@ def make_textures(
         image, mask = texture_image(rng)
         _save_image(image, "RGB", root / "labeled" / "images" / f"{case}.png")
         _save_image(mask, "L", root / "labeled" / "masks" / f"{case}.png")
-    n_val, n_test = max(1, round(n_labeled / 6)), max(1, round(n_labeled / 3))
+    n_train, n_val = counts["train"], counts["val"]
     splits = {
-        "train": ids[: n_labeled - n_val - n_test],
-        "val": ids[n_labeled - n_val - n_test : n_labeled - n_test],
-        "test": ids[n_labeled - n_test :],
+        "train": ids[:n_train],
+        "val": ids[n_train : n_train + n_val],
+        "test": ids[n_train + n_val :],
     }
     atomic_write(root / "labeled" / "splits.json", json.dumps(splits, indent=1) + "\n")
     return {"unlabeled": n_unlabeled, **{split: len(members) for split, members in splits.items()}}
